@@ -1,0 +1,1 @@
+"""pgwake: the command line and the one-process composition (`pgwake up`)."""

@@ -1,0 +1,240 @@
+"""The `pgwake` command line (typer). CLI only: each command builds settings and calls in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgwake import datadir
+from wakeup.api import ControlAPIError, ControlClient, Endpoint
+
+app = typer.Typer(
+    help="pgwake: a serverless front door for PostgreSQL.",
+    no_args_is_help=True,
+    context_settings={"auto_envvar_prefix": "PGWAKE"},
+)
+endpoint_app = typer.Typer(help="Create, inspect, suspend, wake and delete endpoints.",
+                           no_args_is_help=True)
+app.add_typer(endpoint_app, name="endpoint")
+# Piped output (scripts, CI logs) gets wide tables instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+T = TypeVar("T")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="PGWAKE_DATA_DIR",
+                 help="State directory (default /var/lib/pgwake as root, else ~/.local/share/pgwake)"),
+]
+
+
+def _run(coro: Awaitable[T]) -> T:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+def _hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise typer.BadParameter(f"{what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per control API call drowns the session log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@app.command()
+def up(
+    data_dir: DataDir = None,
+    listen: Annotated[str, typer.Option(envvar="PGWAKE_LISTEN", help="Proxy address")] = "127.0.0.1:5432",
+    api: Annotated[str, typer.Option(envvar="PGWAKE_API", help="Control API address")] = "127.0.0.1:8432",
+    pool_size: Annotated[int, typer.Option(envvar="PGWAKE_POOL_SIZE", help="Warm pool size (ready computes)")] = 0,
+    idle_timeout: Annotated[float, typer.Option(envvar="PGWAKE_IDLE_TIMEOUT", help="Suspend after this many idle seconds")] = 300.0,
+    domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: <endpoint>.<domain>")] = "pgwake.localhost",
+    redis: Annotated[str | None, typer.Option(envvar="PGWAKE_REDIS", help="Redis URL for shared proxy state")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="PGWAKE_API_KEY", help="Control API key (default: generated, stored in the data dir)")] = None,
+    pg_bin: Annotated[Path | None, typer.Option(envvar="PGWAKE_PG_BIN", help="PostgreSQL bin directory")] = None,
+    run_as: Annotated[str | None, typer.Option(envvar="PGWAKE_RUN_AS", help="Unprivileged user for postgres when root")] = None,
+    wake_timeout: Annotated[float, typer.Option(envvar="PGWAKE_WAKE_TIMEOUT", help="Seconds a client waits for a wake before 57P03")] = 20.0,
+    allow_plaintext: Annotated[bool, typer.Option(envvar="PGWAKE_ALLOW_PLAINTEXT", help="Accept unencrypted clients")] = False,
+    log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+) -> None:
+    """Run the control plane, the proxy and local computes in one process."""
+    from pgwake.up import Up, UpSettings, run_forever
+
+    if pg_bin is not None:
+        pg_bin = pg_bin.resolve()
+
+    _setup_logging(log_level)
+    if pool_size:
+        console.print("[yellow]--pool-size: the warm pool is not available yet; ignoring[/]")
+    if redis:
+        console.print("[yellow]--redis: shared state is not available yet; running per process[/]")
+    settings = UpSettings(
+        data_dir=data_dir or datadir.default_data_dir(),
+        listen=_hostport(listen, "--listen"),
+        api=_hostport(api, "--api"),
+        domain=domain,
+        idle_timeout=idle_timeout,
+        api_key=api_key,
+        pg_bin=pg_bin,
+        run_as=run_as,
+        wake_timeout=wake_timeout,
+        allow_plaintext=allow_plaintext,
+    )
+    _run(run_forever(Up(settings)))
+
+
+# -- talking to the control API ---------------------------------------------------------
+
+
+def _client(data_dir: Path | None) -> ControlClient:
+    url = os.environ.get("PGWAKE_API_URL")
+    key = os.environ.get("PGWAKE_API_KEY")
+    directory = data_dir or datadir.default_data_dir()
+    if url is None:
+        state = datadir.RunState.read(directory)
+        if state is None:
+            raise typer.BadParameter(
+                f"no running pgwake found in {directory}: start `pgwake up`, or set "
+                "PGWAKE_API_URL and PGWAKE_API_KEY"
+            )
+        url = state.api_url
+    if key is None:
+        path = directory / datadir.API_KEY_FILE
+        if not path.exists():
+            raise typer.BadParameter(f"no API key: set PGWAKE_API_KEY (looked in {path})")
+        key = path.read_text().strip()
+    return ControlClient(url, key)
+
+
+def _call(data_dir: Path | None, fn: Callable[[ControlClient], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with _client(data_dir) as client:
+            return await fn(client)
+
+    try:
+        return _run(go())
+    except ControlAPIError as exc:
+        console.print(f"[red]error:[/] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _endpoint_table(endpoints: list[Endpoint]) -> Table:
+    table = Table("id", "name", "tier", "state", "generation", "wakes", "address", "last active")
+    for e in endpoints:
+        table.add_row(e.id, e.name, e.tier, e.state, str(e.generation), str(e.wakes),
+                      e.address or "-", e.last_active.strftime("%Y-%m-%d %H:%M:%S"))
+    return table
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+@endpoint_app.command("create")
+def endpoint_create(
+    name: Annotated[str | None, typer.Option(help="Display name")] = None,
+    tier: Annotated[str, typer.Option(help="durable | ephemeral")] = "durable",
+    as_json: JsonFlag = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a database endpoint; prints its URL and password (shown once)."""
+    if tier not in ("durable", "ephemeral"):
+        raise typer.BadParameter("--tier is durable or ephemeral")
+    created = _call(data_dir, lambda c: c.create_endpoint(name, tier))  # type: ignore[arg-type]
+    if as_json:
+        _print_json(created.model_dump(mode="json"))
+        return
+    console.print(f"endpoint [bold]{created.id}[/] ({created.tier}, {created.state})")
+    console.print(f"user       {created.user}")
+    console.print(f"password   {created.password}   [dim](shown once)[/]")
+    console.print(f"url        {created.url}", soft_wrap=True)
+    console.print(f"url_no_sni {created.url_no_sni}", soft_wrap=True)
+
+
+@endpoint_app.command("list")
+def endpoint_list(as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
+    """List endpoints and their states."""
+    endpoints = _call(data_dir, lambda c: c.list_endpoints())
+    if as_json:
+        _print_json([e.model_dump(mode="json") for e in endpoints])
+    else:
+        console.print(_endpoint_table(endpoints))
+
+
+@endpoint_app.command("show")
+def endpoint_show(endpoint_id: str, as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
+    """Show one endpoint (state, generation, wakes, URLs)."""
+    endpoint = _call(data_dir, lambda c: c.get_endpoint(endpoint_id))
+    if as_json:
+        _print_json(endpoint.model_dump(mode="json"))
+    else:
+        for key, value in endpoint.model_dump().items():
+            console.print(f"{key:<15} {value}", soft_wrap=True)
+
+
+@endpoint_app.command("suspend")
+def endpoint_suspend(endpoint_id: str, as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
+    """Stop the endpoint's compute now; the next connection wakes it."""
+    endpoint = _call(data_dir, lambda c: c.suspend(endpoint_id))
+    if as_json:
+        _print_json(endpoint.model_dump(mode="json"))
+    else:
+        console.print(f"{endpoint.id} {endpoint.state}")
+
+
+@endpoint_app.command("wake")
+def endpoint_wake(endpoint_id: str, as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
+    """Start the endpoint's compute without connecting."""
+    woken = _call(data_dir, lambda c: c.wake(endpoint_id))
+    if as_json:
+        _print_json(woken.model_dump(mode="json"))
+    else:
+        console.print(f"{endpoint_id} awake at {woken.address} ({woken.cold_start}, "
+                      f"{woken.duration_seconds * 1000:.1f} ms)")
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(endpoint_id: str, data_dir: DataDir = None) -> None:
+    """Delete the endpoint and its data."""
+    _call(data_dir, lambda c: c.delete_endpoint(endpoint_id))
+    console.print(f"{endpoint_id} deleted")
+
+
+@app.command()
+def status(as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
+    """Endpoints at a glance."""
+    endpoints = _call(data_dir, lambda c: c.list_endpoints())
+    if as_json:
+        _print_json({"endpoints": [e.model_dump(mode="json") for e in endpoints]})
+        return
+    console.print(_endpoint_table(endpoints))
+    states: dict[str, int] = {}
+    for e in endpoints:
+        states[e.state] = states.get(e.state, 0) + 1
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no endpoints")
+
+
+def main() -> None:
+    app()

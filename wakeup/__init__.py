@@ -1,0 +1,1 @@
+"""pgwake control plane: control API, control DB, endpoint lifecycle and provisioners."""

@@ -1,0 +1,266 @@
+"""The control plane's operations: create, wake, suspend, delete endpoints; recover at start."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from wakeup.computeconfig import apply_config, count_client_connections
+from wakeup.provisioners.base import ComputeAddress, ProvisionerError, Tier
+from wakeup.provisioners.local import LocalProvisioner
+from wakeup.secrets import generate_id, generate_password, scram_verifier
+from wakeup.state import ColdStart, State
+from wakeup.store import EndpointRow, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROLE = "app"
+DEFAULT_DATABASE = "main"
+
+
+class EndpointNotFound(LookupError):
+    def __init__(self, endpoint_id: str):
+        super().__init__(f"endpoint {endpoint_id} not found")
+        self.endpoint_id = endpoint_id
+
+
+class WakeFailed(RuntimeError):
+    """The compute could not be started; retryable from the client's point of view."""
+
+
+@dataclass(frozen=True)
+class WakeResult:
+    address: ComputeAddress
+    generation: int
+    cold_start: ColdStart
+    duration: float
+
+
+@dataclass(frozen=True)
+class Created:
+    endpoint: EndpointRow
+    role: str
+    password: str
+    cold_start: ColdStart
+    duration: float
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    idle_timeout: float = 300.0
+    ephemeral_ttl: float = 24 * 3600.0
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        store: Store,
+        provisioner: LocalProvisioner,
+        settings: ControlSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.provisioner = provisioner
+        self.settings = settings
+        self.clock = clock
+        # One lifecycle operation per endpoint at a time: a wake that arrives
+        # while a suspend runs waits for it and then starts the compute again.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.config_applies = 0  # how often config SQL ran on a compute (tests, metrics)
+
+    def _lock(self, endpoint_id: str) -> asyncio.Lock:
+        lock = self._locks.get(endpoint_id)
+        if lock is None:
+            lock = self._locks[endpoint_id] = asyncio.Lock()
+        return lock
+
+    async def _endpoint(self, endpoint_id: str) -> EndpointRow:
+        ep = await self.store.get_endpoint(endpoint_id)
+        if ep is None:
+            raise EndpointNotFound(endpoint_id)
+        return ep
+
+    # -- startup -------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart (clean or a crash): adopt live computes, settle the rest."""
+        known = await self.store.all_compute_ids()
+        for compute in await self.store.running_computes():
+            tier = Tier(compute.tier)
+            address = await self.provisioner.status(compute.id, tier)
+            if address is None and compute.endpoint_id is not None:
+                log.info("compute %s is not running any more; endpoint suspended", compute.id)
+                await self.store.mark_suspended(compute.endpoint_id, compute.id)
+        for endpoint in await self.store.list_endpoints():
+            if endpoint.state in (State.STARTING, State.SUSPENDING, State.HANDOFF):
+                running = endpoint.compute_id is not None and (
+                    await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))
+                )
+                if not running:
+                    await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
+        for tier in Tier:
+            for compute_id in self.provisioner.known_computes(tier):
+                if compute_id not in known:
+                    await self.provisioner.stop_orphan(compute_id, tier)
+
+    # -- operations ----------------------------------------------------------------
+
+    async def create_endpoint(self, name: str | None, tier: Tier) -> Created:
+        started = self.clock()
+        endpoint_id = generate_id("ep-")
+        compute_id = generate_id("c-")
+        password = generate_password()
+        expires = (
+            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.settings.ephemeral_ttl)
+            if tier is Tier.EPHEMERAL
+            else None
+        )
+        await self.store.insert_endpoint(
+            endpoint_id=endpoint_id,
+            name=name or endpoint_id,
+            tier=tier.value,
+            database=DEFAULT_DATABASE,
+            role=DEFAULT_ROLE,
+            verifier=scram_verifier(password),
+            compute_id=compute_id,
+            expires_at=expires,
+        )
+        async with self._lock(endpoint_id):
+            try:
+                await self.provisioner.create(compute_id, tier)
+                endpoint = await self._start(await self._endpoint(endpoint_id), counted=True)
+            except BaseException:
+                await self.store.mark_deleted(endpoint_id)
+                await self.provisioner.destroy(compute_id, tier)
+                raise
+        return Created(
+            endpoint, DEFAULT_ROLE, password, ColdStart.POOL_MISS, self.clock() - started
+        )
+
+    async def get(self, endpoint_id: str) -> EndpointRow:
+        return await self._endpoint(endpoint_id)
+
+    async def list(self) -> list[EndpointRow]:
+        return await self.store.list_endpoints()
+
+    async def verifier(self, endpoint_id: str, role: str) -> str | None:
+        await self._endpoint(endpoint_id)
+        return await self.store.get_verifier(endpoint_id, role)
+
+    async def set_password(self, endpoint_id: str, role: str, password: str) -> int:
+        async with self._lock(endpoint_id):
+            endpoint = await self._endpoint(endpoint_id)
+            version = await self.store.set_verifier(endpoint_id, role, scram_verifier(password))
+            if endpoint.state is State.ACTIVE:
+                await self._apply_config_if_changed(await self._endpoint(endpoint_id))
+            return version
+
+    async def wake(self, endpoint_id: str) -> WakeResult:
+        started = self.clock()
+        endpoint = await self._endpoint(endpoint_id)
+        warm = await self._warm_address(endpoint)
+        if warm is not None:
+            return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started)
+        async with self._lock(endpoint_id):
+            endpoint = await self._endpoint(endpoint_id)
+            warm = await self._warm_address(endpoint)
+            if warm is not None:
+                # Someone else's wake finished while we queued for the lock.
+                return WakeResult(
+                    warm, endpoint.generation, ColdStart.WARM, self.clock() - started
+                )
+            endpoint = await self._start(endpoint, counted=True)
+            assert endpoint.address is not None
+            return WakeResult(
+                ComputeAddress.parse(endpoint.address),
+                endpoint.generation,
+                ColdStart.RESUMED,
+                self.clock() - started,
+            )
+
+    async def _warm_address(self, endpoint: EndpointRow) -> ComputeAddress | None:
+        if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:
+            return None
+        return await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))
+
+    async def _start(self, endpoint: EndpointRow, *, counted: bool) -> EndpointRow:
+        """Start the endpoint's compute; the caller holds the endpoint's lock."""
+        assert endpoint.compute_id is not None
+        tier = Tier(endpoint.tier)
+        await self.store.set_state(endpoint.id, State.STARTING)
+        try:
+            address = await self.provisioner.start(endpoint.compute_id, tier)
+            await self._apply_config_if_changed(endpoint)
+        except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
+            log.error("starting compute for %s failed: %s", endpoint.id, exc)
+            await self.provisioner.stop(endpoint.compute_id)
+            await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
+            raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc
+        return await self.store.mark_started(
+            endpoint.id, endpoint.compute_id, str(address), counted=counted
+        )
+
+    async def _apply_config_if_changed(self, endpoint: EndpointRow) -> None:
+        assert endpoint.compute_id is not None
+        compute = await self.store.get_compute(endpoint.compute_id)
+        if compute is not None and compute.applied_config_version == endpoint.config_version:
+            return
+        await apply_config(
+            self.provisioner.admin_target(endpoint.compute_id, Tier(endpoint.tier)),
+            database=endpoint.database,
+            owner=endpoint.owner_role,
+            roles=await self.store.list_roles(endpoint.id),
+        )
+        self.config_applies += 1
+        await self.store.set_applied_config(endpoint.compute_id, endpoint.config_version)
+
+    async def suspend(self, endpoint_id: str, *, only_if_idle_since: float | None = None) -> bool:
+        """Stop the compute (fast shutdown); storage stays. False if there was nothing to do."""
+        async with self._lock(endpoint_id):
+            endpoint = await self._endpoint(endpoint_id)
+            if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:
+                return False
+            if only_if_idle_since is not None and (
+                endpoint.last_active.timestamp() > only_if_idle_since
+            ):
+                return False  # a wake or a session arrived since the idle check
+            if only_if_idle_since is not None and await self.connection_count(endpoint):
+                return False
+            await self.store.set_state(endpoint_id, State.SUSPENDING)
+            try:
+                await self.provisioner.stop(endpoint.compute_id)
+            finally:
+                await self.store.mark_suspended(endpoint_id, endpoint.compute_id)
+            log.info("endpoint %s suspended", endpoint_id)
+            return True
+
+    async def delete(self, endpoint_id: str) -> None:
+        async with self._lock(endpoint_id):
+            endpoint = await self._endpoint(endpoint_id)
+            await self.store.mark_deleted(endpoint_id)
+            if endpoint.compute_id is not None:
+                await self.provisioner.destroy(endpoint.compute_id, Tier(endpoint.tier))
+        self._locks.pop(endpoint_id, None)
+
+    async def connection_count(self, endpoint: EndpointRow) -> int | None:
+        if endpoint.compute_id is None or not self.provisioner.is_running(endpoint.compute_id):
+            return None
+        try:
+            return await count_client_connections(
+                self.provisioner.admin_target(endpoint.compute_id, Tier(endpoint.tier))
+            )
+        except (TimeoutError, OSError, ProvisionerError, asyncpg.PostgresError) as exc:
+            log.warning("cannot count connections of %s: %s", endpoint.id, exc)
+            return None
+
+    async def close(self) -> None:
+        for endpoint in await self.store.list_endpoints():
+            if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
+                await self.suspend(endpoint.id)
+        await self.provisioner.close()

@@ -1,0 +1,1 @@
+"""Provisioners: where computes (PostgreSQL servers) actually run."""

@@ -1,0 +1,56 @@
+"""The provisioner interface every compute backend implements (local processes, Kubernetes)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from wakeup.api import ComputeAddress
+
+__all__ = ["AdminTarget", "ComputeAddress", "Provisioner", "ProvisionerError", "Tier"]
+
+
+class Tier(enum.StrEnum):
+    DURABLE = "durable"
+    EPHEMERAL = "ephemeral"
+
+
+class ProvisionerError(Exception):
+    """A compute could not be created, started or stopped; the message is operator-facing."""
+
+
+@dataclass(frozen=True)
+class AdminTarget:
+    """How the control plane reaches a compute as its superuser (never through the proxy)."""
+
+    host: str  # a Unix socket directory or an IP
+    port: int
+    user: str
+    database: str = "postgres"
+
+
+class Provisioner(Protocol):
+    async def prepare(self) -> None:
+        """Find binaries, build templates; called once before anything else."""
+
+    async def create(self, compute_id: str, tier: Tier) -> None:
+        """Give a compute its storage (a data directory cloned from the template)."""
+
+    async def start(self, compute_id: str, tier: Tier) -> ComputeAddress:
+        """Start the compute and return once it accepts connections."""
+
+    async def stop(self, compute_id: str) -> None:
+        """Fast shutdown: abort transactions, checkpoint, exit. Storage survives."""
+
+    async def destroy(self, compute_id: str, tier: Tier) -> None:
+        """Stop if running and delete the storage."""
+
+    async def status(self, compute_id: str, tier: Tier) -> ComputeAddress | None:
+        """The address of a running compute (also one adopted after a restart), else None."""
+
+    def admin_target(self, compute_id: str, tier: Tier) -> AdminTarget:
+        """Superuser access for applying config."""
+
+    async def close(self) -> None:
+        """Stop every compute this provisioner runs."""

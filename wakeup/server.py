@@ -1,0 +1,188 @@
+"""Control API HTTP routes (FastAPI): endpoints, wake, roles, health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from wakeup.api import (
+    ENDPOINT_ID_RE,
+    ROLE_NAME_RE,
+    CreatedEndpoint,
+    CreateEndpoint,
+    Endpoint,
+    Role,
+    SetPassword,
+    Wake,
+)
+from wakeup.control import ControlPlane, EndpointNotFound, WakeFailed
+from wakeup.provisioners.base import ProvisionerError, Tier
+from wakeup.store import EndpointRow
+from wakeup.urls import PublicAddress
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class APIProblem(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _endpoint_out(ep: EndpointRow, public: PublicAddress) -> Endpoint:
+    return Endpoint(
+        id=ep.id,
+        name=ep.name,
+        tier=ep.tier,  # type: ignore[arg-type]
+        state=ep.state.value,
+        generation=ep.generation,
+        wakes=ep.wakes,
+        config_version=ep.config_version,
+        database=ep.database,
+        owner_role=ep.owner_role,
+        address=ep.address,
+        created_at=ep.created_at,
+        last_active=ep.last_active,
+        suspended_at=ep.suspended_at,
+        expires_at=ep.expires_at,
+        url=public.url(ep.id, ep.owner_role, None, ep.database),
+        url_no_sni=public.url_no_sni(ep.id, ep.owner_role, None, ep.database),
+    )
+
+
+def create_app(
+    control: ControlPlane,
+    *,
+    api_key: str,
+    public: PublicAddress,
+    readiness: ReadinessCheck,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+) -> FastAPI:
+    app = FastAPI(title="pgwake control API", version="1", openapi_url="/openapi.json")
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = creds.credentials.encode() if creds is not None else b""
+        if creds is None or not hmac.compare_digest(given, api_key.encode()):
+            raise APIProblem(
+                401, "unauthorized", "missing or wrong API key (Authorization: Bearer)"
+            )
+
+    def checked_id(endpoint_id: str) -> str:
+        if not ENDPOINT_ID_RE.match(endpoint_id):
+            raise APIProblem(400, "invalid_endpoint_id", f"invalid endpoint id {endpoint_id!r}")
+        return endpoint_id
+
+    @app.exception_handler(APIProblem)
+    async def _problem(_: Request, exc: APIProblem) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            {"error": {"code": exc.code, "message": exc.message}},
+            status_code=exc.status,
+            headers=headers,
+        )
+
+    @app.exception_handler(EndpointNotFound)
+    async def _not_found(_: Request, exc: EndpointNotFound) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"code": "endpoint_not_found", "message": str(exc)}}, status_code=404
+        )
+
+    @app.exception_handler(WakeFailed)
+    async def _wake_failed(_: Request, exc: WakeFailed) -> JSONResponse:
+        return JSONResponse({"error": {"code": "wake_failed", "message": str(exc)}}, 503)
+
+    @app.exception_handler(ProvisionerError)
+    async def _provisioner(_: Request, exc: ProvisionerError) -> JSONResponse:
+        return JSONResponse({"error": {"code": "provisioner_error", "message": str(exc)}}, 503)
+
+    v1 = "/v1"
+    auth = [Depends(authorize)]
+
+    @app.post(v1 + "/endpoints", dependencies=auth, status_code=201)
+    async def create_endpoint(body: CreateEndpoint) -> CreatedEndpoint:
+        created = await control.create_endpoint(body.name, Tier(body.tier))
+        ep = created.endpoint
+        base = _endpoint_out(ep, public).model_dump()
+        base["url"] = public.url(ep.id, created.role, created.password, ep.database)
+        base["url_no_sni"] = public.url_no_sni(ep.id, created.role, created.password, ep.database)
+        return CreatedEndpoint(
+            **base,
+            user=created.role,
+            password=created.password,
+            cold_start=created.cold_start.value,
+            create_seconds=round(created.duration, 6),
+        )
+
+    @app.get(v1 + "/endpoints", dependencies=auth)
+    async def list_endpoints() -> list[Endpoint]:
+        return [_endpoint_out(ep, public) for ep in await control.list()]
+
+    @app.get(v1 + "/endpoints/{endpoint_id}", dependencies=auth)
+    async def get_endpoint(endpoint_id: str) -> Endpoint:
+        return _endpoint_out(await control.get(checked_id(endpoint_id)), public)
+
+    @app.delete(v1 + "/endpoints/{endpoint_id}", dependencies=auth, status_code=204)
+    async def delete_endpoint(endpoint_id: str) -> Response:
+        await control.delete(checked_id(endpoint_id))
+        return Response(status_code=204)
+
+    @app.post(v1 + "/endpoints/{endpoint_id}/suspend", dependencies=auth)
+    async def suspend(endpoint_id: str) -> Endpoint:
+        await control.suspend(checked_id(endpoint_id))
+        return _endpoint_out(await control.get(endpoint_id), public)
+
+    @app.post(v1 + "/endpoints/{endpoint_id}/wake", dependencies=auth)
+    async def wake(endpoint_id: str) -> Wake:
+        result = await control.wake(checked_id(endpoint_id))
+        return Wake(
+            address=str(result.address),
+            generation=result.generation,
+            cold_start=result.cold_start.value,
+            duration_seconds=round(result.duration, 6),
+        )
+
+    @app.get(v1 + "/endpoints/{endpoint_id}/roles/{role}", dependencies=auth)
+    async def get_role(endpoint_id: str, role: str) -> Role:
+        if not ROLE_NAME_RE.match(role):
+            raise APIProblem(404, "role_not_found", "role not found")
+        verifier = await control.verifier(checked_id(endpoint_id), role)
+        if verifier is None:
+            raise APIProblem(404, "role_not_found", f"role {role} not found")
+        return Role(endpoint_id=endpoint_id, role=role, verifier=verifier)
+
+    @app.put(v1 + "/endpoints/{endpoint_id}/roles/{role}/password", dependencies=auth)
+    async def set_password(endpoint_id: str, role: str, body: SetPassword) -> dict[str, int]:
+        if not ROLE_NAME_RE.match(role):
+            raise APIProblem(400, "invalid_role", f"invalid role name {role!r}")
+        version = await control.set_password(checked_id(endpoint_id), role, body.password)
+        return {"config_version": version}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = await readiness()
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "unready", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    if metrics is not None:
+        render = metrics
+
+        @app.get("/metrics")
+        async def metrics_route() -> Response:
+            body, content_type = render()
+            return Response(body, media_type=content_type)
+
+    return app

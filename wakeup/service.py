@@ -1,0 +1,139 @@
+"""The control half as a running service: control DB, provisioner, control plane, janitor, API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from wakeup.control import ControlPlane, ControlSettings
+from wakeup.controldb import EmbeddedControlDB
+from wakeup.provisioners.local import LocalProvisioner, LocalSettings
+from wakeup.server import create_app
+from wakeup.store import Store
+from wakeup.suspender import Janitor
+from wakeup.urls import PublicAddress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlServiceSettings:
+    data_dir: Path
+    api_host: str
+    api_port: int
+    api_key: str
+    public: PublicAddress
+    local: LocalSettings
+    control: ControlSettings
+    control_db_url: str | None = None  # None: run the embedded control DB
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: signals belong to the process owner, not to uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+class ControlService:
+    def __init__(
+        self, settings: ControlServiceSettings, *, api_socket: socket.socket | None = None
+    ):
+        self.settings = settings
+        self.provisioner = LocalProvisioner(settings.local)
+        self.store: Store | None = None
+        self.control: ControlPlane | None = None
+        self.controldb: EmbeddedControlDB | None = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._socket: socket.socket | None = api_socket
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+        self.extra_readiness: dict[str, Any] = {}
+
+    @property
+    def api_port(self) -> int:
+        assert self._socket is not None
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    @property
+    def api_url(self) -> str:
+        host = self.settings.api_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.api_port}"
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.provisioner.prepare()
+        if s.control_db_url is None:
+            assert self.provisioner.binaries is not None
+            self.controldb = EmbeddedControlDB(
+                self.provisioner.binaries, self.provisioner.run_as, s.data_dir / "control"
+            )
+            await self.controldb.start()
+            self.store = Store(**self.controldb.connect_kwargs())
+        else:
+            self.store = Store(s.control_db_url)
+        await self.store.open()
+        self.control = ControlPlane(self.store, self.provisioner, s.control)
+        await self.control.recover()
+        app = create_app(
+            self.control, api_key=s.api_key, public=s.public, readiness=self.readiness
+        )
+        config = uvicorn.Config(
+            app, host=s.api_host, port=s.api_port, log_level="warning", lifespan="off",
+            access_log=False,
+        )
+        self._http = _EmbeddedUvicorn(config)
+        # We bind the socket ourselves: the port is known (and connectable, the
+        # kernel queues connections) before uvicorn's task even runs.
+        if self._socket is None:
+            self._socket = bind_tcp(s.api_host, s.api_port)
+        self._tasks.append(
+            asyncio.create_task(self._http.serve(sockets=[self._socket]), name="control-api")
+        )
+        self._tasks.append(
+            asyncio.create_task(Janitor(self.control).run(self._stop), name="janitor")
+        )
+        log.info("control API on %s", self.api_url)
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"control_db": self.store is not None and await self.store.ping()}
+        for name, check in self.extra_readiness.items():
+            checks[name] = bool(check())
+        return checks
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._http is not None:
+            self._http.should_exit = True
+        if self.control is not None:
+            await self.control.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()
+        if self.controldb is not None:
+            await self.controldb.stop()
+
+
+def bind_tcp(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,294 @@
+"""Control DB access (PostgreSQL through asyncpg): endpoints, roles, computes; migrations."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from wakeup.state import State
+
+# Append-only: a released migration is never edited, a new one is added.
+MIGRATIONS: list[str] = [
+    """
+    create table endpoints (
+        id              text primary key,
+        name            text not null,
+        tier            text not null,
+        state           text not null,
+        generation      integer not null default 1,
+        wakes           integer not null default 0,
+        config_version  integer not null default 1,
+        database        text not null,
+        owner_role      text not null,
+        compute_id      text,
+        address         text,
+        created_at      timestamptz not null default now(),
+        last_active     timestamptz not null default now(),
+        suspended_at    timestamptz,
+        expires_at      timestamptz
+    );
+    create table roles (
+        endpoint_id text not null references endpoints(id) on delete cascade,
+        name        text not null,
+        verifier    text not null,
+        primary key (endpoint_id, name)
+    );
+    create table computes (
+        id                      text primary key,
+        endpoint_id             text references endpoints(id) on delete set null,
+        tier                    text not null,
+        state                   text not null,
+        address                 text,
+        applied_config_version  integer not null default 0,
+        created_at              timestamptz not null default now(),
+        started_at              timestamptz
+    );
+    create index computes_endpoint on computes (endpoint_id);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    id: str
+    name: str
+    tier: str
+    state: State
+    generation: int
+    wakes: int
+    config_version: int
+    database: str
+    owner_role: str
+    compute_id: str | None
+    address: str | None
+    created_at: dt.datetime
+    last_active: dt.datetime
+    suspended_at: dt.datetime | None
+    expires_at: dt.datetime | None
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> EndpointRow:
+        values = dict(r)
+        values["state"] = State(values["state"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ComputeRow:
+    id: str
+    endpoint_id: str | None
+    tier: str
+    state: str
+    address: str | None
+    applied_config_version: int
+
+
+class Store:
+    """Thin typed queries; the pool is created by `open()` (constructors do no I/O)."""
+
+    def __init__(self, dsn: str | None = None, **connect_kwargs: Any):
+        self._dsn = dsn
+        self._connect_kwargs = connect_kwargs
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Store.open() was not called")
+        return self._pool
+
+    async def open(self, timeout: float = 30.0) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._dsn, min_size=1, max_size=10, timeout=timeout, **self._connect_kwargs
+        )
+        await self.migrate()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn:
+                return bool(await conn.fetchval("select 1", timeout=timeout))
+        except (OSError, asyncpg.PostgresError, TimeoutError, asyncpg.InterfaceError):
+            return False
+
+    async def migrate(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One pgwake process at a time applies migrations.
+            await conn.execute("select pg_advisory_xact_lock(7072617765)")
+            await conn.execute(
+                "create table if not exists schema_migrations "
+                "(version integer primary key, applied_at timestamptz not null default now())"
+            )
+            done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version not in done:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "insert into schema_migrations (version) values ($1)", version
+                    )
+
+    # -- endpoints ----------------------------------------------------------------
+
+    async def insert_endpoint(
+        self,
+        *,
+        endpoint_id: str,
+        name: str,
+        tier: str,
+        database: str,
+        role: str,
+        verifier: str,
+        compute_id: str,
+        expires_at: dt.datetime | None,
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "insert into endpoints (id, name, tier, state, database, owner_role, compute_id,"
+                " expires_at) values ($1, $2, $3, $4, $5, $6, $7, $8)",
+                endpoint_id, name, tier, State.STARTING.value, database, role, compute_id,
+                expires_at,
+            )
+            await conn.execute(
+                "insert into roles (endpoint_id, name, verifier) values ($1, $2, $3)",
+                endpoint_id, role, verifier,
+            )
+            await conn.execute(
+                "insert into computes (id, endpoint_id, tier, state)"
+                " values ($1, $2, $3, 'stopped')",
+                compute_id, endpoint_id, tier,
+            )
+
+    async def get_endpoint(self, endpoint_id: str) -> EndpointRow | None:
+        r = await self.pool.fetchrow(
+            "select * from endpoints where id = $1 and state <> 'deleted'", endpoint_id
+        )
+        return EndpointRow.from_record(r) if r else None
+
+    async def list_endpoints(self) -> list[EndpointRow]:
+        rows = await self.pool.fetch(
+            "select * from endpoints where state <> 'deleted' order by created_at, id"
+        )
+        return [EndpointRow.from_record(r) for r in rows]
+
+    async def set_state(self, endpoint_id: str, state: State) -> None:
+        suspended = "now()" if state is State.SUSPENDED else "suspended_at"
+        await self.pool.execute(
+            f"update endpoints set state = $2, suspended_at = {suspended} where id = $1",
+            endpoint_id, state.value,
+        )
+
+    async def mark_started(
+        self, endpoint_id: str, compute_id: str, address: str, *, counted: bool
+    ) -> EndpointRow:
+        """The compute answers: record where, count the wake, and restart the idle clock."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "update computes set state = 'running', address = $2, started_at = now()"
+                " where id = $1",
+                compute_id, address,
+            )
+            r = await conn.fetchrow(
+                "update endpoints set state = 'active', address = $2, last_active = now(),"
+                " wakes = wakes + $3 where id = $1 returning *",
+                endpoint_id, address, 1 if counted else 0,
+            )
+        return EndpointRow.from_record(r)
+
+    async def mark_suspended(self, endpoint_id: str, compute_id: str | None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if compute_id is not None:
+                await conn.execute(
+                    "update computes set state = 'stopped', address = null where id = $1",
+                    compute_id,
+                )
+            await conn.execute(
+                "update endpoints set state = 'suspended', address = null,"
+                " suspended_at = now() where id = $1 and state <> 'deleted'",
+                endpoint_id,
+            )
+
+    async def touch(self, endpoint_id: str) -> None:
+        await self.pool.execute(
+            "update endpoints set last_active = now() where id = $1", endpoint_id
+        )
+
+    async def mark_deleted(self, endpoint_id: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "update computes set state = 'deleted', address = null where endpoint_id = $1",
+                endpoint_id,
+            )
+            await conn.execute("delete from roles where endpoint_id = $1", endpoint_id)
+            await conn.execute(
+                "update endpoints set state = 'deleted', address = null where id = $1",
+                endpoint_id,
+            )
+
+    # -- roles --------------------------------------------------------------------
+
+    async def get_verifier(self, endpoint_id: str, role: str) -> str | None:
+        value: str | None = await self.pool.fetchval(
+            "select verifier from roles where endpoint_id = $1 and name = $2", endpoint_id, role
+        )
+        return value
+
+    async def list_roles(self, endpoint_id: str) -> dict[str, str]:
+        rows = await self.pool.fetch(
+            "select name, verifier from roles where endpoint_id = $1 order by name", endpoint_id
+        )
+        return {r["name"]: r["verifier"] for r in rows}
+
+    async def set_verifier(self, endpoint_id: str, role: str, verifier: str) -> int:
+        """Create or change a role; bumps the endpoint's config version (returned)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "insert into roles (endpoint_id, name, verifier) values ($1, $2, $3)"
+                " on conflict (endpoint_id, name) do update set verifier = excluded.verifier",
+                endpoint_id, role, verifier,
+            )
+            version: int = await conn.fetchval(
+                "update endpoints set config_version = config_version + 1 where id = $1"
+                " returning config_version",
+                endpoint_id,
+            )
+        return version
+
+    # -- computes -----------------------------------------------------------------
+
+    async def get_compute(self, compute_id: str) -> ComputeRow | None:
+        r = await self.pool.fetchrow(
+            "select id, endpoint_id, tier, state, address, applied_config_version"
+            " from computes where id = $1",
+            compute_id,
+        )
+        return ComputeRow(**dict(r)) if r else None
+
+    async def running_computes(self) -> list[ComputeRow]:
+        rows = await self.pool.fetch(
+            "select id, endpoint_id, tier, state, address, applied_config_version"
+            " from computes where state = 'running'"
+        )
+        return [ComputeRow(**dict(r)) for r in rows]
+
+    async def all_compute_ids(self) -> set[str]:
+        rows = await self.pool.fetch("select id from computes where state <> 'deleted'")
+        return {r["id"] for r in rows}
+
+    async def set_applied_config(self, compute_id: str, version: int) -> None:
+        await self.pool.execute(
+            "update computes set applied_config_version = $2 where id = $1", compute_id, version
+        )
+
+    async def counts_by_state(self) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "select state, count(*) as n from computes where state <> 'deleted' group by state"
+        )
+        return {r["state"]: r["n"] for r in rows}

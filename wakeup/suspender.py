@@ -1,0 +1,58 @@
+"""The janitor: suspends idle durable endpoints and deletes expired ephemeral ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+
+from wakeup.control import ControlPlane, EndpointNotFound
+from wakeup.provisioners.base import Tier
+from wakeup.state import State
+
+log = logging.getLogger(__name__)
+
+
+class Janitor:
+    """One periodic loop for all background upkeep, instead of a timer per endpoint."""
+
+    def __init__(self, control: ControlPlane, *, interval: float | None = None):
+        self.control = control
+        idle = control.settings.idle_timeout
+        # Check often enough that an endpoint is suspended within ~1.25× its timeout.
+        self.interval = interval if interval is not None else min(max(idle / 4, 0.5), 30.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("janitor tick failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+
+    async def tick(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        idle_timeout = self.control.settings.idle_timeout
+        for endpoint in await self.control.list():
+            if endpoint.tier == Tier.EPHEMERAL:
+                if endpoint.expires_at is not None and endpoint.expires_at <= now:
+                    log.info("ephemeral endpoint %s expired; deleting it", endpoint.id)
+                    with contextlib.suppress(EndpointNotFound):
+                        await self.control.delete(endpoint.id)
+                continue
+            if endpoint.state is not State.ACTIVE:
+                continue
+            connections = await self.control.connection_count(endpoint)
+            if connections is None:
+                continue
+            if connections > 0:
+                await self.control.store.touch(endpoint.id)
+                continue
+            idle_for = (now - endpoint.last_active).total_seconds()
+            if idle_for >= idle_timeout:
+                with contextlib.suppress(EndpointNotFound):
+                    await self.control.suspend(
+                        endpoint.id, only_if_idle_since=endpoint.last_active.timestamp()
+                    )
