@@ -26,6 +26,8 @@ app = typer.Typer(
 endpoint_app = typer.Typer(help="Create, inspect, suspend, wake and delete endpoints.",
                            no_args_is_help=True)
 app.add_typer(endpoint_app, name="endpoint")
+certs_app = typer.Typer(help="TLS certificates for the proxy.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 # Piped output (scripts, CI logs) gets wide tables instead of 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
 T = TypeVar("T")
@@ -51,6 +53,13 @@ def _hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _port_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or not 0 < int(low) <= int(high) < 65536:
+        raise typer.BadParameter(f"--port-range must be LOW-HIGH, got {value!r}")
+    return int(low), int(high)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -66,6 +75,8 @@ def up(
     listen: Annotated[str, typer.Option(envvar="PGWAKE_LISTEN", help="Proxy address")] = "127.0.0.1:5432",
     api: Annotated[str, typer.Option(envvar="PGWAKE_API", help="Control API address")] = "127.0.0.1:8432",
     pool_size: Annotated[int, typer.Option(envvar="PGWAKE_POOL_SIZE", help="Warm pool size (ready computes)")] = 0,
+    pool_max_age: Annotated[float, typer.Option(envvar="PGWAKE_POOL_MAX_AGE", help="Recycle pooled computes older than this many seconds")] = 3600.0,
+    ephemeral_ttl: Annotated[float, typer.Option(envvar="PGWAKE_EPHEMERAL_TTL", help="Delete ephemeral endpoints this many seconds after creation")] = 24 * 3600.0,
     idle_timeout: Annotated[float, typer.Option(envvar="PGWAKE_IDLE_TIMEOUT", help="Suspend after this many idle seconds")] = 300.0,
     domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: <endpoint>.<domain>")] = "pgwake.localhost",
     redis: Annotated[str | None, typer.Option(envvar="PGWAKE_REDIS", help="Redis URL for shared proxy state")] = None,
@@ -75,6 +86,8 @@ def up(
     wake_timeout: Annotated[float, typer.Option(envvar="PGWAKE_WAKE_TIMEOUT", help="Seconds a client waits for a wake before 57P03")] = 20.0,
     allow_plaintext: Annotated[bool, typer.Option(envvar="PGWAKE_ALLOW_PLAINTEXT", help="Accept unencrypted clients")] = False,
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+    log_format: Annotated[str, typer.Option(envvar="PGWAKE_LOG_FORMAT", help="Connection log lines: text | json")] = "text",
+    port_range: Annotated[str, typer.Option(envvar="PGWAKE_PORT_RANGE", help="TCP ports for computes, LOW-HIGH")] = "54400-55399",
 ) -> None:
     """Run the control plane, the proxy and local computes in one process."""
     from pgwake.up import Up, UpSettings, run_forever
@@ -83,10 +96,6 @@ def up(
         pg_bin = pg_bin.resolve()
 
     _setup_logging(log_level)
-    if pool_size:
-        console.print("[yellow]--pool-size: the warm pool is not available yet; ignoring[/]")
-    if redis:
-        console.print("[yellow]--redis: shared state is not available yet; running per process[/]")
     settings = UpSettings(
         data_dir=data_dir or datadir.default_data_dir(),
         listen=_hostport(listen, "--listen"),
@@ -98,6 +107,12 @@ def up(
         run_as=run_as,
         wake_timeout=wake_timeout,
         allow_plaintext=allow_plaintext,
+        redis_url=redis,
+        log_format=log_format,
+        pool_size=pool_size,
+        pool_max_age=pool_max_age,
+        ephemeral_ttl=ephemeral_ttl,
+        port_range=_port_range(port_range),
     )
     _run(run_forever(Up(settings)))
 
@@ -234,6 +249,104 @@ def status(as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
     for e in endpoints:
         states[e.state] = states.get(e.state, 0) + 1
     console.print(", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no endpoints")
+
+
+@certs_app.command("dev")
+def certs_dev(
+    domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: the certificate covers *.<domain>")] = "pgwake.localhost",
+    name: Annotated[list[str] | None, typer.Option("--name", help="Extra DNS name (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option("--dir", help="Where to write (default: <data dir>/tls, what `pgwake up` serves)")] = None,
+    as_json: JsonFlag = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create (or reuse) a dev CA and a server certificate that sslmode=verify-full accepts."""
+    from tls.devca import ensure_dev_ca, ensure_server_certificate
+
+    directory = out or (data_dir or datadir.default_data_dir()) / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    names = [f"*.{domain}", domain, "localhost", *(name or [])]
+    ca = ensure_dev_ca(directory)
+    server = ensure_server_certificate(directory, ca, names)
+    paths = {"ca_cert": str(ca.cert), "ca_key": str(ca.key),
+             "cert": str(server.cert), "key": str(server.key), "names": names}
+    if as_json:
+        _print_json(paths)
+        return
+    console.print(f"dev CA       {ca.cert}  [dim](key {ca.key})[/]", soft_wrap=True)
+    console.print(f"certificate  {server.cert}  [dim](key {server.key})[/]", soft_wrap=True)
+    console.print(f"names        {', '.join(names)} (+ 127.0.0.1, ::1)", soft_wrap=True)
+    console.print(f"clients      sslmode=verify-full sslrootcert={ca.cert} "
+                  f"host=<endpoint>.{domain} hostaddr=127.0.0.1", soft_wrap=True)
+
+
+@app.command("proxy")
+def proxy_command(
+    listen: Annotated[str, typer.Option(envvar="PGWAKE_LISTEN", help="Proxy address (port 0: any)")] = "127.0.0.1:5432",
+    control_url: Annotated[str | None, typer.Option(envvar="PGWAKE_CONTROL_URL", help="Control API URL (default: from --data-dir)")] = None,
+    redis: Annotated[str | None, typer.Option(envvar="PGWAKE_REDIS", help="Redis URL for state shared with other proxies")] = None,
+    data_dir: DataDir = None,
+    tls_cert: Annotated[Path | None, typer.Option(envvar="PGWAKE_TLS_CERT", help="Server certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(envvar="PGWAKE_TLS_KEY", help="Server key (PEM)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="PGWAKE_API_KEY", help="Control API key")] = None,
+    domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: <endpoint>.<domain>")] = "pgwake.localhost",
+    wake_timeout: Annotated[float, typer.Option(envvar="PGWAKE_WAKE_TIMEOUT", help="Seconds a client waits for a wake before 57P03")] = 20.0,
+    endpoint_client_cap: Annotated[int, typer.Option(envvar="PGWAKE_ENDPOINT_CLIENT_CAP", help="Client sessions per endpoint on this proxy; past it, queue then 53300")] = 90,
+    control_rate: Annotated[float, typer.Option(envvar="PGWAKE_CONTROL_RATE", help="Control-API wake calls per second (all proxies)")] = 50.0,
+    address_cache_ttl: Annotated[float, typer.Option(envvar="PGWAKE_ADDRESS_CACHE_TTL", help="Seconds a compute address is cached")] = 60.0,
+    allow_plaintext: Annotated[bool, typer.Option(envvar="PGWAKE_ALLOW_PLAINTEXT", help="Accept unencrypted clients")] = False,
+    log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+) -> None:
+    """Run only the proxy, against a control API elsewhere (state shared through --redis)."""
+    from pgwake.split import proxy_run_settings, run_proxy
+    from proxy.settings import ProxySettings
+
+    _setup_logging(log_level)
+    host, port = _hostport(listen, "--listen")
+    try:
+        settings = proxy_run_settings(
+            ProxySettings(
+                listen_host=host, listen_port=port, domain=domain, allow_plaintext=allow_plaintext,
+                wake_timeout=wake_timeout, redis_url=redis, endpoint_client_cap=endpoint_client_cap,
+                control_rate=control_rate, address_cache_ttl=address_cache_ttl,
+            ),
+            control_url=control_url, data_dir=data_dir, tls_cert=tls_cert, tls_key=tls_key,
+            api_key=api_key,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _run(run_proxy(settings))
+
+
+@app.command("control")
+def control_command(
+    data_dir: DataDir = None,
+    api: Annotated[str, typer.Option(envvar="PGWAKE_API", help="Control API address")] = "127.0.0.1:8432",
+    proxy_host: Annotated[str, typer.Option(envvar="PGWAKE_PROXY_HOST", help="Public proxy host, for the URLs handed out")] = "127.0.0.1",
+    proxy_port: Annotated[int, typer.Option(envvar="PGWAKE_PROXY_PORT", help="Public proxy port, for the URLs handed out")] = 5432,
+    domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: <endpoint>.<domain>")] = "pgwake.localhost",
+    redis: Annotated[str | None, typer.Option(envvar="PGWAKE_REDIS", help="Redis URL: publish address invalidations to proxies")] = None,
+    idle_timeout: Annotated[float, typer.Option(envvar="PGWAKE_IDLE_TIMEOUT", help="Suspend after this many idle seconds")] = 300.0,
+    api_key: Annotated[str | None, typer.Option(envvar="PGWAKE_API_KEY", help="Control API key (default: generated, stored in the data dir)")] = None,
+    pg_bin: Annotated[Path | None, typer.Option(envvar="PGWAKE_PG_BIN", help="PostgreSQL bin directory")] = None,
+    port_range: Annotated[str, typer.Option(envvar="PGWAKE_PORT_RANGE", help="TCP ports for computes, LOW-HIGH")] = "54400-55399",
+    log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+) -> None:
+    """Run only the control plane (control API, control DB, local computes), no proxy."""
+    from pgwake.split import ControlRunSettings, run_control
+    from wakeup.urls import PublicAddress
+
+    _setup_logging(log_level)
+    settings = ControlRunSettings(
+        data_dir=data_dir or datadir.default_data_dir(),
+        api=_hostport(api, "--api"),
+        public=PublicAddress(domain=domain, host=proxy_host, port=proxy_port),
+        idle_timeout=idle_timeout,
+        api_key=api_key,
+        pg_bin=pg_bin.resolve() if pg_bin else None,
+        port_range=_port_range(port_range),
+        redis_url=redis,
+    )
+    _run(run_control(settings))
 
 
 def main() -> None:

@@ -10,12 +10,18 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from pgwake import datadir
 from proxy.app import ProxyServer
+from proxy.connlog import ConnectionLog
+from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
+from wakeup.pool import PoolKey, PoolSettings
+from wakeup.provisioners.base import Tier
 from wakeup.provisioners.local import LocalSettings
 from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
 from wakeup.urls import PublicAddress
@@ -39,6 +45,12 @@ class UpSettings:
     ephemeral_ttl: float = 24 * 3600.0
     ephemeral_dir: Path | None = None
     control_db_url: str | None = None
+    log_format: str = "text"
+    pool_size: int = 0  # warm pool of durable computes (size class "small")
+    pool_max_age: float = 3600.0
+    pool_check_interval: float = 2.0
+    redis_url: str | None = None  # shared proxy state + invalidations; None: in process
+    proxy_overrides: tuple[tuple[str, object], ...] = ()  # extra ProxySettings fields
 
 
 def _public_host(host: str) -> str:
@@ -55,6 +67,7 @@ class Up:
         self.client: ControlClient | None = None
         self.api_key_file: Path | None = None
         self.certs: datadir.DevCertificates | None = None
+        self.registry = CollectorRegistry()
 
     async def start(self) -> None:
         s = self.settings
@@ -89,8 +102,15 @@ class Up:
                     idle_timeout=s.idle_timeout, ephemeral_ttl=s.ephemeral_ttl
                 ),
                 control_db_url=s.control_db_url,
+                redis_url=s.redis_url,
+                pool=PoolSettings(
+                    sizes={PoolKey(Tier.DURABLE): s.pool_size},
+                    max_age=s.pool_max_age,
+                    check_interval=s.pool_check_interval,
+                ),
             ),
             api_socket=api_sock,
+            registry=self.registry,
         )
         try:
             await self.control.start()
@@ -103,9 +123,13 @@ class Up:
                     domain=s.domain,
                     allow_plaintext=s.allow_plaintext,
                     wake_timeout=s.wake_timeout,
+                    redis_url=s.redis_url,
+                    **dict(s.proxy_overrides),  # type: ignore[arg-type]
                 ),
                 control=self.client,
                 server_tls=server_tls,
+                metrics=ProxyMetrics(self.registry),
+                connection_log=ConnectionLog(s.log_format),
             )
             await self.proxy.start(proxy_sock)
             self.control.extra_readiness["proxy_listening"] = self.proxy.listening.is_set
@@ -120,6 +144,9 @@ class Up:
             ca_file=str(self.certs.ca.cert),
             pid=os.getpid(),
         ).write(s.data_dir)
+
+    def reload_certificates(self) -> bool:
+        return self.proxy.reload_certificates() if self.proxy is not None else False
 
     @property
     def proxy_port(self) -> int:
@@ -153,6 +180,8 @@ async def run_forever(up: Up, banner: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read certificate files now (live connections keep their certificate).
+    loop.add_signal_handler(signal.SIGHUP, up.reload_certificates)
     await up.start()
     if banner:
         print_banner(up)

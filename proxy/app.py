@@ -6,15 +6,24 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
+
+from prometheus_client import CollectorRegistry
 
 from proxy.auth import RoleCache
 from proxy.cancel import CancelMap
+from proxy.connlog import ConnectionLog
+from proxy.guards import ConnectionGuards
+from proxy.metrics import ProxyMetrics
+from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.settings import ProxySettings
-from proxy.wake import AddressCache, WakeClient
+from proxy.shared import open_shared
+from proxy.wake import WakeClient
 from tls.context import ServerTLS
-from wakeup.api import ControlClient
+from tls.reload import CertificateReloader
+from wakeup.api import ControlAPIError, ControlClient
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +37,31 @@ class ProxyServer:
         *,
         control: ControlClient,
         server_tls: ServerTLS | None,
+        metrics: ProxyMetrics | None = None,
+        connection_log: ConnectionLog | None = None,
+        limits: FrontDoorLimits | None = None,
     ):
         self.settings = settings
         self.control = control
+        self.shared = open_shared(settings.redis_url)
         self.state = ProxyState(
             settings=settings,
             server_tls=server_tls,
-            wake=WakeClient(control, AddressCache(settings.address_cache_ttl)),
+            wake=WakeClient(control, self.shared, settings),
             roles=RoleCache(control, settings.role_cache_ttl),
             cancels=CancelMap(),
             mock_key=mock_key_from(os.urandom(32)),
+            metrics=metrics or ProxyMetrics(CollectorRegistry()),
+            connection_log=connection_log or ConnectionLog(),
+            limits=limits or FrontDoorLimits.local(settings.limits),
         )
+        # Several cert/key pairs are one ServerTLS; the reloader watches all their files.
+        self.reloader = CertificateReloader(server_tls) if server_tls is not None else None
+        self._reload_stop = asyncio.Event()
+        self._reload_task: asyncio.Task[None] | None = None
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        self._activity_task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
     @property
@@ -59,8 +80,24 @@ class ProxyServer:
             sock.bind((s.listen_host, s.listen_port))
             sock.listen(s.backlog)
         sock.setblocking(False)
+        raise_open_file_limit()
         self._listener = sock
+        if self.reloader is not None and s.cert_reload_interval > 0:
+            self._reload_task = asyncio.create_task(
+                self.reloader.run(s.cert_reload_interval, self._reload_stop),
+                name="proxy-cert-reload",
+            )
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
+        await self.shared.start()
+        self.state.guards = ConnectionGuards(
+            endpoint_cap=s.endpoint_client_cap,
+            queue_timeout=s.endpoint_queue_timeout,
+            connect_concurrency=s.compute_connect_concurrency,
+        )
+        self._activity_task = asyncio.create_task(
+            report_activity(self.control, self.state.guards, s.activity_interval),
+            name="proxy-activity",
+        )
         self.listening.set()
         log.info("proxy listening on %s:%d", s.listen_host, self.port)
 
@@ -80,6 +117,13 @@ class ProxyServer:
             task = asyncio.create_task(Session(self.state, sock, peer).run())
             self.state.sessions.add(task)
             task.add_done_callback(self.state.sessions.discard)
+
+    def reload_certificates(self) -> bool:
+        """Check the certificate files now (SIGHUP); True if any was swapped in.
+
+        New handshakes get the new certificate; live connections keep theirs.
+        """
+        return self.reloader.check() if self.reloader is not None else False
 
     async def stop_accepting(self) -> None:
         self.listening.clear()
@@ -105,3 +149,49 @@ class ProxyServer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.state.wake.close()
+        if self._activity_task is not None:
+            self._activity_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._activity_task
+        await self.shared.close()
+        self._reload_stop.set()
+        if self._reload_task is not None:
+            await self._reload_task
+            self._reload_task = None
+
+
+def raise_open_file_limit(ceiling: int = 1 << 20) -> int:
+    """Raise the soft limit on open files to the hard limit (each client costs a descriptor,
+    and a 1024 default is a few hundred stalled clients); return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        return target
+    return soft
+
+
+async def report_activity(
+    control: ControlClient, guards: ConnectionGuards, interval: float
+) -> None:
+    """Tell the control plane how many sessions each endpoint has here, so the
+    janitor never suspends a compute that a client of any proxy is using."""
+    proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(guards):x}"
+    reported: dict[str, int] = {}
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await guards.became_busy.wait()
+        guards.became_busy.clear()
+        counts = guards.counts()
+        if not counts and not reported:
+            continue
+        try:
+            await control.report_activity(proxy_id, counts, ttl=interval * 3, timeout=interval)
+            reported = counts
+        except ControlAPIError as exc:
+            log.warning("activity report failed: %s", exc)

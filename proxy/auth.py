@@ -1,4 +1,5 @@
-"""Step 4, auth at the proxy: SCRAM with the client against the role's cached verifier."""
+"""Step 4, auth at the proxy: SCRAM (or, for the password form, a cleartext password)
+checked against the role's cached verifier."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from proxy.errors import ClientError, Kind
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.pgwire.errors import ProtocolViolation
-from proxy.scram import ScramError, ScramSecret, ScramServer, parse_verifier
+from proxy.scram import (
+    DEFAULT_ITERATIONS,
+    ScramError,
+    ScramSecret,
+    ScramServer,
+    parse_verifier,
+    salted_password,
+    verify_password,
+)
 from proxy.stream import Stream
 from proxy.wake import control_error
 from wakeup.api import ControlAPIError, ControlClient
@@ -98,9 +107,42 @@ async def expect_password_message(
     if kind != b"p":
         raise ClientError(
             Kind.PROTOCOL,
-            f"expected a SASL response ({step}), got message type {kind!r}",
+            f"expected a {step} message, got message type {kind!r}",
         )
     return body
+
+
+async def read_cleartext_password(
+    stream: Stream, reader: MessageReader, *, step_timeout: float
+) -> bytes:
+    """Ask for the password in cleartext (the caller checked the channel is TLS or allowed)."""
+    stream.write(messages.auth_cleartext_password())
+    try:
+        async with asyncio.timeout(step_timeout):
+            body = await expect_password_message(stream, reader, "PasswordMessage")
+        return messages.parse_password_message(body)
+    except ProtocolViolation as exc:
+        raise ClientError(Kind.PROTOCOL, exc.message, sqlstate=exc.sqlstate) from None
+    except TimeoutError:
+        raise ClientError(Kind.PROTOCOL, "authentication timed out", sqlstate="08006") from None
+
+
+async def verify_cleartext(
+    user: str, secret: ScramSecret | None, password: bytes, *, mock_key: bytes
+) -> bytes:
+    """The ClientKey for a correct `password`; else 28P01, worded and timed like SCRAM's.
+
+    PBKDF2 runs in a thread: 4096 rounds would stall every other session for
+    milliseconds. An unknown role costs the same work, so timing reveals nothing.
+    """
+    if secret is None:
+        await asyncio.to_thread(salted_password, password, mock_key, DEFAULT_ITERATIONS)
+        client_key = None
+    else:
+        client_key = await asyncio.to_thread(verify_password, secret, password)
+    if client_key is None:
+        raise ClientError(Kind.AUTH, f'password authentication failed for user "{user}"')
+    return client_key
 
 
 async def authenticate_client(

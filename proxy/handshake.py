@@ -59,15 +59,23 @@ def _violation(exc: ProtocolViolation) -> ClientError:
     return ClientError(kind, exc.message, sqlstate=exc.sqlstate)
 
 
-async def _next_packet(stream: Stream, parser: StartupParser) -> object:
-    while True:
-        try:
-            event = parser.next_event()
-        except ProtocolViolation as exc:
-            raise _violation(exc) from None
-        if event is not None:
-            return event
-        parser.feed(await stream.recv())
+def _startup_timed_out() -> ClientError:
+    return ClientError(Kind.PROTOCOL, "timed out waiting for the startup packet", sqlstate="08006")
+
+
+async def _next_packet(stream: Stream, parser: StartupParser, timeout: float) -> object:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    event = parser.next_event()
+                except ProtocolViolation as exc:
+                    raise _violation(exc) from None
+                if event is not None:
+                    return event
+                parser.feed(await stream.recv())
+    except TimeoutError:
+        raise _startup_timed_out() from None
 
 
 async def open_client(
@@ -76,19 +84,27 @@ async def open_client(
     server_tls: ServerTLS | None,
     allow_plaintext: bool,
     tls_timeout: float,
+    startup_timeout: float,
     stream_box: list[Stream],
 ) -> ClientHello:
     """Run the startup phase. `stream_box` receives the stream as soon as it exists, so
     the caller can send an ErrorResponse (or close it) whatever happens here."""
     loop = asyncio.get_running_loop()
-    first = await peek_first_byte(sock)
+    try:
+        async with asyncio.timeout(startup_timeout):
+            first = await peek_first_byte(sock)
+    except TimeoutError:
+        # Nothing to answer yet: the client never said which protocol it speaks.
+        raise ConnectionResetError("client sent nothing before the startup deadline") from None
     if not first:
         raise ConnectionResetError("client closed before sending anything")
     if first[0] == TLS_RECORD_HANDSHAKE:
         if server_tls is None:
             raise ConnectionResetError("direct TLS attempted but TLS is not configured")
-        transport, stream = await loop.connect_accepted_socket(
-            Stream, sock, ssl=server_tls.context, ssl_handshake_timeout=tls_timeout
+        # Our own instance: with ssl=, uvloop returns its SSL protocol wrapper, not ours.
+        stream = Stream()
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: stream, sock, ssl=server_tls.context, ssl_handshake_timeout=tls_timeout
         )
         stream_box.append(stream)
         info = tls_info(transport.get_extra_info("ssl_object"))
@@ -100,14 +116,14 @@ async def open_client(
                 "direct TLS connection without ALPN protocol \"postgresql\"",
                 hint="Use sslnegotiation=direct with a PostgreSQL 17 or newer client.",
             )
-        return await _after_tls(stream, info, direct=True)
+        return await _after_tls(stream, info, direct=True, timeout=startup_timeout)
 
     _, stream = await loop.connect_accepted_socket(Stream, sock)
     stream_box.append(stream)
     parser = StartupParser()
     answered_gss = False
     while True:
-        event = await _next_packet(stream, parser)
+        event = await _next_packet(stream, parser, startup_timeout)
         if isinstance(event, GSSENCRequest):
             if answered_gss:
                 raise ClientError(Kind.PROTOCOL, "GSSENCRequest sent twice")
@@ -128,7 +144,7 @@ async def open_client(
             await stream.start_tls(server_tls.context, handshake_timeout=tls_timeout)
             assert stream.transport is not None
             info = tls_info(stream.transport.get_extra_info("ssl_object"))
-            return await _after_tls(stream, info, direct=False)
+            return await _after_tls(stream, info, direct=False, timeout=startup_timeout)
         if isinstance(event, CancelRequest):
             return ClientHello(stream, None, None, b"", cancel=event)
         assert isinstance(event, StartupMessage)
@@ -141,9 +157,11 @@ async def open_client(
         return ClientHello(stream, event, None, parser.trailing_data)
 
 
-async def _after_tls(stream: Stream, info: TLSInfo, *, direct: bool) -> ClientHello:
+async def _after_tls(
+    stream: Stream, info: TLSInfo, *, direct: bool, timeout: float
+) -> ClientHello:
     parser = StartupParser()
-    event = await _next_packet(stream, parser)
+    event = await _next_packet(stream, parser, timeout)
     if isinstance(event, SSLRequest | GSSENCRequest):
         raise ClientError(Kind.PROTOCOL, "encryption requested again inside TLS")
     if isinstance(event, CancelRequest):

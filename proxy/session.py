@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -10,11 +11,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from proxy.auth import RoleCache, authenticate_client
+from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.compute import ComputeRejected, ComputeSession, ComputeUnreachable, login
+from proxy.connlog import ConnectionLog
 from proxy.errors import ClientError, Kind
+from proxy.guards import ConnectionGuards
 from proxy.handshake import ClientHello, open_client
+from proxy.metrics import ProxyMetrics
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.pgwire.errors import ProtocolViolation
@@ -22,8 +26,15 @@ from proxy.pgwire.startup import (
     NEWEST_SUPPORTED_MINOR,
     StartupMessage,
     extract_endpoint_from_options,
+    extract_option,
 )
-from proxy.routing import resolve
+from proxy.ratelimit import FrontDoorLimits, auth_failure_key, whole_seconds
+from proxy.routing import (
+    PasswordForm,
+    parse_password_form,
+    resolve_optional,
+    resolve_with_password,
+)
 from proxy.settings import ProxySettings
 from proxy.splice import Splice
 from proxy.stream import PeerClosed, Stream
@@ -44,22 +55,60 @@ class ProxyState:
     roles: RoleCache
     cancels: CancelMap
     mock_key: bytes
+    limits: FrontDoorLimits
+    metrics: ProxyMetrics
+    connection_log: ConnectionLog
     sessions: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
     handshakes: int = 0
+    guards: ConnectionGuards = field(default_factory=ConnectionGuards)
 
 
 @dataclass
 class SessionLog:
+    """One structured line per client connection, written when it ends."""
+
     session_id: int
     client: str
     endpoint: str | None = None
     role: str | None = None
     cold_start: str | None = None
     sqlstate: str | None = None
-    connect_seconds: float | None = None
+    outcome: str = "client_gone"
+    # Seconds. startup: accept → StartupMessage (TLS included; the client's pace);
+    # auth: the SCRAM round trips (the client's pace; the wake runs meanwhile);
+    # wake_wait: waiting for the compute after auth; compute: login to it.
+    startup_s: float | None = None
+    auth_s: float | None = None
+    wake_wait_s: float | None = None
+    compute_s: float | None = None
+    ready_s: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+
+    @property
+    def client_wait_s(self) -> float:
+        return (self.startup_s or 0.0) + (self.auth_s or 0.0)
+
+    def as_dict(self) -> dict[str, object]:
+        values = {k: v for k, v in self.__dict__.items()}
+        for key, value in values.items():
+            if isinstance(value, float):
+                values[key] = round(value, 6)
+        return values
+
+    def as_text(self) -> str:
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value * 1000:.2f}"
+
+        return (
+            f"session={self.session_id} client={self.client} endpoint={self.endpoint} "
+            f"role={self.role} outcome={self.outcome} cold_start={self.cold_start} "
+            f"ready_ms={ms(self.ready_s)} startup_ms={ms(self.startup_s)} "
+            f"auth_ms={ms(self.auth_s)} wake_wait_ms={ms(self.wake_wait_s)} "
+            f"compute_ms={ms(self.compute_s)} bytes_in={self.bytes_in} "
+            f"bytes_out={self.bytes_out} sqlstate={self.sqlstate or '-'}"
+        )
 
 
 class Session:
@@ -70,9 +119,11 @@ class Session:
         self.log = SessionLog(next(_session_ids), peer)
         self._stream_box: list[Stream] = []
         self._compute: ComputeSession | None = None
+        self._slot: str | None = None  # the endpoint whose session slot this holds
+        self.want_timing = False
 
     async def run(self) -> None:
-        started = time.perf_counter()
+        self.started = started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.handshake_timeout
         self.state.handshakes += 1
@@ -83,9 +134,12 @@ class Session:
             finally:
                 self.state.handshakes -= 1
             if spliced is None:
+                self.log.outcome = "cancel_request"
                 return
-            self.log.connect_seconds = time.perf_counter() - started
+            self.log.ready_s = time.perf_counter() - started
+            self._observe_ready()
             await self._splice(*spliced)
+            self.log.outcome = "ok"
         except ClientError as exc:
             self._fail(exc)
         except TimeoutError:
@@ -101,18 +155,32 @@ class Session:
             )
         finally:
             self._close()
-            log.info(
-                "session %d client=%s endpoint=%s role=%s cold_start=%s connect_ms=%s "
-                "bytes_in=%d bytes_out=%d sqlstate=%s",
-                self.log.session_id, self.log.client, self.log.endpoint, self.log.role,
-                self.log.cold_start,
-                None if self.log.connect_seconds is None
-                else round(self.log.connect_seconds * 1000, 2),
-                self.log.bytes_in, self.log.bytes_out, self.log.sqlstate,
-            )
+            metrics = self.state.metrics
+            metrics.connections_total.labels(self.log.outcome).inc()
+            if self.log.sqlstate is not None:
+                metrics.errors_total.labels(self.log.sqlstate).inc()
+            self.state.connection_log.write(self.log)
+
+    def _observe_ready(self) -> None:
+        """Connect latency twice: as the client saw it, and without the client's own pace."""
+        entry, metrics = self.log, self.state.metrics
+        cached = entry.cold_start == "cached"
+        # A cached address means no wake was needed: the compute was warm.
+        cold_start = "warm" if cached else (entry.cold_start or "unknown")
+        assert entry.ready_s is not None
+        metrics.connect_latency.labels(cold_start, "ok", "none").observe(entry.ready_s)
+        metrics.connect_latency.labels(cold_start, "ok", "client").observe(
+            max(entry.ready_s - entry.client_wait_s, 0.0)
+        )
+        metrics.cache_requests.labels("address", "hit" if cached else "miss").inc()
 
     def _fail(self, exc: ClientError) -> None:
         self.log.sqlstate = exc.sqlstate
+        self.log.outcome = exc.kind.value
+        elapsed = time.perf_counter() - self.started
+        self.state.metrics.connect_latency.labels(
+            self.log.cold_start or "unknown", exc.kind.value, "none"
+        ).observe(elapsed)
         if self._stream_box:
             stream = self._stream_box[0]
             stream.write(
@@ -123,6 +191,9 @@ class Session:
         log.info("session %d: %s %s", self.log.session_id, exc.sqlstate, exc.message)
 
     def _close(self) -> None:
+        if self._slot is not None:
+            self.state.guards.release(self._slot)
+            self._slot = None
         if self._compute is not None:
             self._compute.close()
         if self._stream_box:
@@ -134,13 +205,18 @@ class Session:
 
     async def _handshake(self) -> tuple[ClientHello, MessageReader, ComputeSession, int] | None:
         s = self.settings
+        if self.state.handshakes > s.max_handshakes:
+            refuse_busy(self.sock)
+            raise ClientError(Kind.TOO_MANY, "too many connections in the startup phase")
         hello = await open_client(
             self.sock,
             server_tls=self.state.server_tls,
             allow_plaintext=s.allow_plaintext,
             tls_timeout=s.tls_timeout,
+            startup_timeout=s.startup_timeout,
             stream_box=self._stream_box,
         )
+        self.log.startup_s = time.perf_counter() - self.started
         if hello.cancel is not None:
             target = self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
             if target is not None:
@@ -163,36 +239,60 @@ class Session:
             options_endpoint, options_rest = extract_endpoint_from_options(
                 startup.params.get("options", "")
             )
+            timing, options_rest = extract_option(options_rest, "pgwake_timing")
+            self.want_timing = timing in ("on", "true", "1")
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
-        route = resolve(hello.tls.server_name if hello.tls else None, options_endpoint, s.domain)
-        endpoint = route.endpoint_id
         user = startup.params["user"]
+        reader = MessageReader()
+        reader.feed(hello.trailing)
+        route = resolve_optional(
+            hello.tls.server_name if hello.tls else None, options_endpoint, s.domain
+        )
+        password_form: PasswordForm | None = None
+        if route is None:
+            # Neither SNI nor options: the password form `endpoint=<id>;<password>`.
+            # Only asked for over TLS (or where plaintext was explicitly allowed).
+            password = await read_cleartext_password(
+                stream, reader, step_timeout=s.auth_step_timeout
+            )
+            password_form = parse_password_form(password)
+        route = resolve_with_password(route, password_form, s.domain)
+        endpoint = route.endpoint_id
         self.log.endpoint, self.log.role = endpoint, user
         compute_params = forwarded_parameters(startup, options_rest)
+        failure_key = auth_failure_key(self.log.client.rpartition(":")[0], endpoint)
+        await self._admit(endpoint, failure_key)
 
-        # Step 4 (with 5 overlapped): the verifier, and the wake started right away.
-        role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
+        # Step 4 (with 5 overlapped): the wake starts first, so that on a fresh
+        # endpoint it and the verifier's fetch are concurrent control API calls.
         wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
         try:
-            reader = MessageReader()
-            reader.feed(hello.trailing)
+            role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
+            auth_started = time.perf_counter()
             try:
-                client_key = await authenticate_client(
-                    stream,
-                    reader,
-                    user=user,
-                    secret=role.secret,
-                    channel_binding=hello.tls.end_point_hash if hello.tls else None,
-                    mock_key=self.state.mock_key,
-                    step_timeout=s.auth_step_timeout,
-                )
+                if password_form is not None:
+                    client_key = await verify_cleartext(
+                        user, role.secret, password_form.password, mock_key=self.state.mock_key
+                    )
+                else:
+                    client_key = await authenticate_client(
+                        stream,
+                        reader,
+                        user=user,
+                        secret=role.secret,
+                        channel_binding=hello.tls.end_point_hash if hello.tls else None,
+                        mock_key=self.state.mock_key,
+                        step_timeout=s.auth_step_timeout,
+                    )
             except ClientError as exc:
                 if exc.kind is Kind.AUTH:
                     # The password may have just changed: fetch it afresh next time.
                     self.state.roles.invalidate(endpoint, user)
+                    await self.state.limits.auth_failures.record_failure(failure_key)
                 raise
             stream.write(messages.auth_ok())
+            self.log.auth_s = time.perf_counter() - auth_started
             assert role.secret is not None  # a mock exchange never succeeds
 
             # Steps 6–7: address (cached or woken) and compute login, with one retry
@@ -202,8 +302,28 @@ class Session:
             )
         finally:
             wake.cancel()
+            if wake.done() and not wake.cancelled():
+                wake.exception()  # retrieved: after a failed lookup or auth it is no news
         self._compute = compute
         return hello, reader, compute, minor
+
+    async def _admit(self, endpoint: str, failure_key: str) -> None:
+        """The front-door limits, checked before anything costs (a verifier fetch, a wake)."""
+        limits = self.state.limits
+        wait = await limits.auth_failures.retry_after(failure_key)
+        if wait > 0:
+            raise ClientError(
+                Kind.TOO_MANY,
+                "too many failed authentication attempts; "
+                f"retry in {whole_seconds(wait)} s",
+            )
+        wait = await limits.connect_attempts.admit(f"connect:{endpoint}")
+        if wait > 0:
+            raise ClientError(
+                Kind.TOO_MANY,
+                f'too many connection attempts to endpoint "{endpoint}"; '
+                f"retry in {whole_seconds(wait)} s",
+            )
 
     async def _wake(self, endpoint: str) -> Woken:
         return await self.state.wake.address(endpoint, timeout=self.settings.wake_timeout)
@@ -226,26 +346,35 @@ class Session:
         server_key: bytes,
     ) -> ComputeSession:
         stream = self._stream_box[0]
+        waited = time.perf_counter()
+        # A session slot under the endpoint's cap (queueing, then 53300), held to the end.
+        await self.state.guards.acquire(endpoint)
+        self._slot = endpoint
         woken = await self._await_wake(wake, endpoint, stream)
+        self.log.wake_wait_s = time.perf_counter() - waited
         for attempt in range(4):
             self.log.cold_start = woken.cold_start
             try:
-                return await login(
-                    woken.address,
-                    params,
-                    user=user,
-                    client_key=client_key,
-                    server_key=server_key,
-                    connect_timeout=self.settings.compute_connect_timeout * (attempt + 1),
-                    login_timeout=self.settings.compute_login_timeout,
-                )
+                login_started = time.perf_counter()
+                async with self.state.guards.connecting(woken.address):
+                    session = await login(
+                        woken.address,
+                        params,
+                        user=user,
+                        client_key=client_key,
+                        server_key=server_key,
+                        connect_timeout=self.settings.compute_connect_timeout * (attempt + 1),
+                        login_timeout=self.settings.compute_login_timeout,
+                    )
+                self.log.compute_s = time.perf_counter() - login_started
+                return session
             except ComputeUnreachable as exc:
                 log.info("session %d: compute %s unreachable: %s",
                          self.log.session_id, woken.address, exc)
             except ComputeRejected as exc:
-                # 57P03: starting up or shutting down (a suspend raced us); 28P01
-                # from a *cached* address: the port now belongs to another compute.
-                stale = exc.sqlstate == "57P03" or (
+                # 57P03/57P01: starting up or shutting down (a suspend raced us);
+                # 28P01 from a *cached* address: the port now belongs to another compute.
+                stale = exc.sqlstate in ("57P03", "57P01") or (
                     exc.sqlstate in ("28P01", "28000") and woken.cold_start == "cached"
                 )
                 if not stale:
@@ -254,7 +383,7 @@ class Session:
                         sqlstate=exc.sqlstate, hint=exc.fields.get("H"),
                         detail=exc.fields.get("D"),
                     ) from None
-            self.state.wake.invalidate(endpoint)
+            await self.state.wake.invalidate(endpoint)
             if attempt:
                 await asyncio.sleep(0.02 * 2**attempt)  # backoff after the immediate retry
             woken = await self._await_wake(
@@ -279,6 +408,8 @@ class Session:
         target = CancelTarget(compute.address, compute.backend_pid, compute.backend_secret)
         key = self.state.cancels.issue(target, long_secret=minor >= 2)
         stream.write(messages.backend_key_data(key.pid, key.secret))
+        if self.want_timing:
+            self._send_timing(stream)
         stream.write(messages.ready_for_query(b"I"))
         assert stream.transport is not None
         splice = Splice(stream.transport, compute.transport)
@@ -288,14 +419,39 @@ class Session:
                 client_pending=reader.take_trailing() + stream.take_buffered(),
                 compute_pending=compute.trailing,
             )
-            result = await splice.wait()
+            self.state.metrics.connections_active.inc()
+            try:
+                result = await splice.wait()
+            finally:
+                self.state.metrics.connections_active.dec()
         finally:
             self.state.splices.discard(splice)
             self.state.cancels.release(key)
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
+        self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
+        self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)
         if result.closed_by == "client" and not result.client_terminated:
             # The client vanished, perhaps mid-query: don't let the query run on.
             await send_cancel(target)
+
+
+    def _send_timing(self, stream: Stream) -> None:
+        """`options=pgwake_timing=on`: the connect-time breakdown, for programs
+        (ParameterStatus `pgwake.timing`) and for people (a NOTICE psql prints)."""
+        entry = self.log
+        ready = time.perf_counter() - self.started
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value * 1000:.1f}"
+
+        breakdown = (
+            f"total={ms(ready)}ms startup={ms(entry.startup_s)}ms auth={ms(entry.auth_s)}ms "
+            f"wake_wait={ms(entry.wake_wait_s)}ms compute_login={ms(entry.compute_s)}ms "
+            f"cold_start={entry.cold_start}"
+        )
+        stream.write(messages.parameter_status("pgwake.timing", breakdown))
+        stream.write(messages.parameter_status("pgwake.cold_start", entry.cold_start or "-"))
+        stream.write(messages.notice_response(f"pgwake connect timing: {breakdown}"))
 
 
 def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str, str]:
@@ -305,6 +461,16 @@ def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str
     if options_rest.strip():
         params["options"] = options_rest
     return params
+
+
+def refuse_busy(sock: socket.socket) -> None:
+    """Best effort, before reading anything: one small ErrorResponse, then the caller closes."""
+    with contextlib.suppress(OSError):
+        sock.send(
+            messages.error_response(
+                "53300", "too many connections in the startup phase; retry shortly"
+            )
+        )
 
 
 def mock_key_from(secret: bytes) -> bytes:

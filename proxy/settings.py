@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from proxy.ratelimit import LimitSettings
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,8 @@ class ProxySettings:
     allow_plaintext: bool = False
     # Deadlines. The handshake deadline covers everything until the splice.
     handshake_timeout: float = 10.0
+    # Each startup packet (SSLRequest, StartupMessage), from the first byte on.
+    startup_timeout: float = 5.0
     tls_timeout: float = 5.0
     auth_step_timeout: float = 5.0
     wake_timeout: float = 20.0
@@ -25,3 +29,21 @@ class ProxySettings:
     address_cache_ttl: float = 60.0
     drain_timeout: float = 10.0
     backlog: int = 1024
+    # Connections still in the handshake; past this new ones get 53300 and are closed.
+    max_handshakes: int = 10_000
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    # Certificate files are checked this often (and on SIGHUP); 0 turns the watch off.
+    cert_reload_interval: float = 30.0
+    # -- the wake path under load (shared state, storm guards) --
+    redis_url: str | None = None  # None: shared state lives in this process
+    wake_lock_expiry: float = 5.0  # a crashed lock holder blocks others at most this long
+    negative_cache_ttl: float = 0.5  # remember "control plane unavailable" this long
+    wake_rate_per_endpoint: float = 10.0  # control-API wake calls per second, per endpoint
+    wake_burst_per_endpoint: float = 10.0
+    control_rate: float = 50.0  # control-API wake calls per second, all endpoints, all replicas
+    control_burst: float = 20.0
+    compute_connect_concurrency: int = 32  # concurrent connect+login attempts per compute
+    endpoint_client_cap: int = 90  # live client sessions per endpoint (compute max_connections 100)
+    endpoint_queue_timeout: float = 5.0  # wait this long for a slot under the cap, then 53300
+    activity_interval: float = 1.0  # report per-endpoint connection counts this often
+    cancel_key_ttl: float = 24 * 3600.0

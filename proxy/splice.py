@@ -9,6 +9,7 @@ never makes the proxy buffer without bound.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TERMINATE = b"X\x00\x00\x00\x04"
@@ -29,7 +30,7 @@ class SpliceResult:
 class _Side(asyncio.Protocol):
     """Receives from its own transport and writes to the peer's."""
 
-    __slots__ = ("bytes", "eof", "name", "other", "peer", "splice", "tail", "tls")
+    __slots__ = ("bytes", "eof", "last", "name", "other", "peer", "splice", "tls", "write")
 
     def __init__(self, splice: Splice, name: str, tls: bool):
         self.splice = splice
@@ -39,13 +40,15 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.bytes = 0
         self.eof = False
-        self.tail = b""
+        self.last = b""  # the latest chunk, by reference: its tail is read once, at the end
+        self.write: Callable[[bytes], object] = _not_started
 
+    # The hot path: one call per chunk each way. Keep it to a counter, a
+    # reference and the peer's bound write method (no slicing, no lookups).
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
-        self.tail = data[-5:]
-        assert self.peer is not None
-        self.peer.write(data)
+        self.last = data
+        self.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -91,8 +94,8 @@ class Splice:
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"") -> None:
         cs, ps = self._client_side, self._compute_side
-        cs.peer, cs.other = self.compute, ps
-        ps.peer, ps.other = self.client, cs
+        cs.peer, cs.other, cs.write = self.compute, ps, self.compute.write
+        ps.peer, ps.other, ps.write = self.client, cs, self.client.write
         for transport in (self.client, self.compute):
             transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.client.set_protocol(cs)
@@ -125,9 +128,13 @@ class Splice:
         return SpliceResult(
             bytes_from_client=self._client_side.bytes,
             bytes_from_compute=self._compute_side.bytes,
-            client_terminated=self._client_side.tail == TERMINATE,
+            client_terminated=self._client_side.last.endswith(TERMINATE),
             closed_by=closed_by,
         )
+
+
+def _not_started(data: bytes) -> None:
+    raise RuntimeError("splice side used before Splice.start()")
 
 
 def _is_tls(transport: asyncio.Transport) -> bool:

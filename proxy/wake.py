@@ -1,23 +1,34 @@
-"""The wake path: address cache → one wake per endpoint → control API → cache.
+"""The wake path: cache → per-endpoint lock → cache again → rate limit → control API → cache.
 
-Reads like Neon's: look in the cache; if absent, join the endpoint's in-flight
-wake or start one; on success cache the address (TTL with jitter so many
-endpoints do not expire together).
+Reads like Neon's. In this process one task per endpoint does the work and
+every session of that endpoint awaits it; across replicas the shared state's
+wake lock (with expiry, so a crashed holder does not block anyone) lets one
+replica call the control plane while the others wait to be told the address
+is cached. Control-plane outages are cached briefly (negative caching) so a
+storm of connects does not become a storm of API calls, and every call to the
+control plane takes a token from a rate bucket first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.errors import ClientError, Kind
+from proxy.settings import ProxySettings
+from proxy.shared import CachedAddress, SharedState, jittered
 from wakeup.api import ComputeAddress, ControlAPIError, ControlClient
 
 log = logging.getLogger(__name__)
+
+# Waiting for another replica's wake: re-check this often in case its
+# announcement was lost (Redis hiccup) or it crashed holding the lock.
+WAIT_SLICE = 0.5
 
 
 @dataclass(frozen=True)
@@ -27,49 +38,44 @@ class Woken:
     generation: int
 
 
-@dataclass
-class _Entry:
-    value: Woken
-    expires: float
-
-
-class AddressCache:
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
-        self.ttl = ttl
-        self.clock = clock
-        self._entries: dict[str, _Entry] = {}
-
-    def get(self, endpoint_id: str) -> Woken | None:
-        entry = self._entries.get(endpoint_id)
-        if entry is None:
-            return None
-        if entry.expires <= self.clock():
-            del self._entries[endpoint_id]
-            return None
-        return entry.value
-
-    def put(self, endpoint_id: str, value: Woken) -> None:
-        jitter = random.uniform(0.9, 1.1)
-        self._entries[endpoint_id] = _Entry(value, self.clock() + self.ttl * jitter)
-
-    def invalidate(self, endpoint_id: str) -> None:
-        self._entries.pop(endpoint_id, None)
+def _cached(value: CachedAddress) -> Woken:
+    return Woken(value.address, "cached", value.generation)
 
 
 class WakeClient:
-    def __init__(self, control: ControlClient, cache: AddressCache):
+    def __init__(
+        self,
+        control: ControlClient,
+        shared: SharedState,
+        settings: ProxySettings,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.control = control
-        self.cache = cache
+        self.shared = shared
+        self.settings = settings
+        self.clock = clock
         self._inflight: dict[str, asyncio.Task[Woken]] = {}
-        self.wake_calls = 0
+        self._negative: dict[str, tuple[float, ClientError]] = {}
+        self._tokens = itertools.count(1)
+        self._replica = secrets.token_hex(6)
+        self.wake_calls = 0  # control API wake calls made by this replica
+        self.rate_limited = 0  # times a wake waited for a rate-bucket token
 
     async def address(self, endpoint_id: str, *, timeout: float) -> Woken:
-        cached = self.cache.get(endpoint_id)
+        cached = await self.shared.get_address(endpoint_id)
         if cached is not None:
-            return Woken(cached.address, "cached", cached.generation)
+            return _cached(cached)
+        negative = self._negative.get(endpoint_id)
+        if negative is not None:
+            if negative[0] > self.clock():
+                raise negative[1]
+            del self._negative[endpoint_id]
         task = self._inflight.get(endpoint_id)
         if task is None:
-            task = asyncio.create_task(self._wake(endpoint_id, timeout), name=f"wake:{endpoint_id}")
+            deadline = asyncio.get_running_loop().time() + timeout
+            task = asyncio.create_task(
+                self._wake(endpoint_id, deadline), name=f"wake:{endpoint_id}"
+            )
             self._inflight[endpoint_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(endpoint_id, None))
         try:
@@ -83,18 +89,76 @@ class WakeClient:
                 hint="The database is starting; retry the connection.",
             ) from None
 
-    async def _wake(self, endpoint_id: str, timeout: float) -> Woken:
+    async def _wake(self, endpoint_id: str, deadline: float) -> Woken:
+        loop = asyncio.get_running_loop()
+        token = f"{self._replica}:{next(self._tokens)}"
+        while True:
+            woken_event = self.shared.waiter(endpoint_id)
+            if await self.shared.try_lock(endpoint_id, token, self.settings.wake_lock_expiry):
+                try:
+                    cached = await self.shared.get_address(endpoint_id)
+                    if cached is not None:
+                        return _cached(cached)
+                    await self._rate_limit(endpoint_id, deadline)
+                    return await self._call_control(endpoint_id, deadline)
+                finally:
+                    await self.shared.unlock(endpoint_id, token)
+            cached = await self.shared.get_address(endpoint_id)
+            if cached is not None:
+                return _cached(cached)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                async with asyncio.timeout(min(remaining, WAIT_SLICE)):
+                    await woken_event.wait()
+            except TimeoutError:
+                pass
+            cached = await self.shared.get_address(endpoint_id)
+            if cached is not None:
+                return _cached(cached)
+
+    async def _rate_limit(self, endpoint_id: str, deadline: float) -> None:
+        """Pace control-plane calls: per endpoint, and for the whole fleet of proxies."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        buckets = (
+            (f"wake:{endpoint_id}", s.wake_rate_per_endpoint, s.wake_burst_per_endpoint),
+            ("control", s.control_rate, s.control_burst),
+        )
+        for bucket, rate, burst in buckets:
+            while (wait := await self.shared.take_token(bucket, rate, burst)) > 0:
+                self.rate_limited += 1
+                if loop.time() + wait > deadline:
+                    raise ClientError(
+                        Kind.WAKE,
+                        f'too many wake requests for endpoint "{endpoint_id}"',
+                        hint="Retry the connection.",
+                    )
+                await asyncio.sleep(wait)  # pacing by design: the bucket refills with time
+
+    async def _call_control(self, endpoint_id: str, deadline: float) -> Woken:
         self.wake_calls += 1
+        remaining = max(0.001, deadline - asyncio.get_running_loop().time())
         try:
-            answer = await self.control.wake(endpoint_id, timeout=timeout)
+            answer = await self.control.wake(endpoint_id, timeout=remaining)
         except ControlAPIError as exc:
-            raise control_error(endpoint_id, exc) from exc
+            error = control_error(endpoint_id, exc)
+            if exc.unavailable and self.settings.negative_cache_ttl > 0:
+                self._negative[endpoint_id] = (
+                    self.clock() + self.settings.negative_cache_ttl, error
+                )
+            raise error from exc
         woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation)
-        self.cache.put(endpoint_id, woken)
+        await self.shared.put_address(
+            endpoint_id,
+            CachedAddress(woken.address, woken.generation),
+            jittered(self.settings.address_cache_ttl),
+        )
         return woken
 
-    def invalidate(self, endpoint_id: str) -> None:
-        self.cache.invalidate(endpoint_id)
+    async def invalidate(self, endpoint_id: str) -> None:
+        await self.shared.invalidate(endpoint_id)
 
     async def close(self) -> None:
         tasks = list(self._inflight.values())

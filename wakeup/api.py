@@ -12,6 +12,9 @@ import httpx
 from pydantic import BaseModel
 
 API_PREFIX = "/v1"
+# Redis pub/sub channel: the control plane publishes "invalidate:<endpoint>" on
+# suspend/delete; proxies publish "woken:<endpoint>" when a wake result is cached.
+INVALIDATION_CHANNEL = "pgwake:events"
 ColdStartName = Literal["warm", "resumed", "pool_hit", "pool_miss"]
 TierName = Literal["durable", "ephemeral"]
 
@@ -23,7 +26,7 @@ ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
 
 
 def valid_endpoint_id(value: str) -> bool:
-    return bool(ENDPOINT_ID_RE.match(value))
+    return bool(ENDPOINT_ID_RE.fullmatch(value))
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Role(BaseModel):
 
 class SetPassword(BaseModel):
     password: str
+
+
+class Activity(BaseModel):
+    """A proxy's live client sessions per endpoint; valid for `ttl` seconds."""
+
+    proxy_id: str
+    connections: dict[str, int]
+    ttl: float = 3.0
 
 
 class ApiErrorBody(BaseModel):
@@ -195,3 +206,10 @@ class ControlClient:
             f"/endpoints/{endpoint_id}/roles/{role}/password",
             json=SetPassword(password=password).model_dump(),
         )
+
+    async def report_activity(
+        self, proxy_id: str, connections: dict[str, int], *, ttl: float,
+        timeout: float | None = None,
+    ) -> None:
+        body = Activity(proxy_id=proxy_id, connections=connections, ttl=ttl).model_dump()
+        await self._call("POST", "/activity", json=body, timeout=timeout)

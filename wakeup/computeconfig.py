@@ -38,7 +38,7 @@ async def apply_config(
 ) -> None:
     """Make the compute's roles and database match the control DB (idempotent)."""
     for name in (database, owner, *roles):
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ValueError(f"invalid role or database name {name!r}")
     conn = await admin_connect(target)
     try:
@@ -74,3 +74,41 @@ async def count_client_connections(target: AdminTarget, timeout: float = 5.0) ->
         return n
     finally:
         await conn.close()
+
+
+# A pooled compute carries a login-less role and a database under these names
+# until a claim renames them to the endpoint's.
+PLACEHOLDER = "pgwake_pool"
+
+
+async def prepare_placeholders(conn: asyncpg.Connection, verifier: str) -> None:
+    """On a fresh pooled compute: the placeholder role (its future password already
+    installed, but no login yet) and a database it owns."""
+    await conn.execute(
+        f"create role {quote_ident(PLACEHOLDER)} nologin password {quote_literal(verifier)}"
+    )
+    # CREATE DATABASE refuses to run in a multi-statement query, hence its own call.
+    await conn.execute(
+        f"create database {quote_ident(PLACEHOLDER)} owner {quote_ident(PLACEHOLDER)}"
+    )
+
+
+def claim_sql(*, database: str, owner: str, passwords: Mapping[str, str]) -> str:
+    """One multi-statement query (one round trip, one transaction) that turns the
+    placeholders into the endpoint's database and owner, lets the owner log in and
+    sets the verifiers in `passwords` (empty when the pooled one is kept: each
+    ALTER ROLE … PASSWORD costs the compute a PBKDF2 run)."""
+    for name in (database, owner, *passwords):
+        if not NAME_RE.fullmatch(name) or name == PLACEHOLDER:
+            raise ValueError(f"invalid role or database name {name!r}")
+    statements = [
+        f"alter role {quote_ident(PLACEHOLDER)} rename to {quote_ident(owner)}",
+        f"alter role {quote_ident(owner)} login",
+        f"alter database {quote_ident(PLACEHOLDER)} rename to {quote_ident(database)}",
+    ]
+    for role, verifier in passwords.items():
+        verb = "alter" if role == owner else "create"
+        statements.append(
+            f"{verb} role {quote_ident(role)} with login password {quote_literal(verifier)}"
+        )
+    return ";\n".join(statements)

@@ -6,12 +6,15 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from wakeup.computeconfig import apply_config, count_client_connections
+from wakeup.metrics import ControlMetrics
+from wakeup.pool import DEFAULT_SIZE_CLASS, PoolKey, PoolManager
 from wakeup.provisioners.base import ComputeAddress, ProvisionerError, Tier
 from wakeup.provisioners.local import LocalProvisioner
 from wakeup.secrets import generate_id, generate_password, scram_verifier
@@ -55,6 +58,7 @@ class Created:
 class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
+    suspend_grace: float = 5.0  # smart shutdown this long on suspend, then fast
 
 
 class ControlPlane:
@@ -64,7 +68,9 @@ class ControlPlane:
         provisioner: LocalProvisioner,
         settings: ControlSettings,
         clock: Callable[[], float] = time.monotonic,
+        metrics: ControlMetrics | None = None,
     ):
+        self.metrics = metrics or ControlMetrics(CollectorRegistry())
         self.store = store
         self.provisioner = provisioner
         self.settings = settings
@@ -73,6 +79,12 @@ class ControlPlane:
         # while a suspend runs waits for it and then starts the compute again.
         self._locks: dict[str, asyncio.Lock] = {}
         self.config_applies = 0  # how often config SQL ran on a compute (tests, metrics)
+        self.pool: PoolManager | None = None  # the warm pool, when one is configured
+        # Proxies' activity reports: proxy id → (expires, live sessions per endpoint).
+        self._activity: dict[str, tuple[float, dict[str, int]]] = {}
+        # Called with an endpoint id when its address stops being valid (suspend,
+        # delete): the Redis publisher that tells every proxy to drop its cache.
+        self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
 
     def _lock(self, endpoint_id: str) -> asyncio.Lock:
         lock = self._locks.get(endpoint_id)
@@ -111,7 +123,9 @@ class ControlPlane:
 
     # -- operations ----------------------------------------------------------------
 
-    async def create_endpoint(self, name: str | None, tier: Tier) -> Created:
+    async def create_endpoint(
+        self, name: str | None, tier: Tier, size_class: str = DEFAULT_SIZE_CLASS
+    ) -> Created:
         started = self.clock()
         endpoint_id = generate_id("ep-")
         compute_id = generate_id("c-")
@@ -121,6 +135,20 @@ class ControlPlane:
             if tier is Tier.EPHEMERAL
             else None
         )
+        pool = self.pool
+        if pool is not None and pool.size(PoolKey(tier, size_class)) > 0:
+            claimed = await self._create_from_pool(
+                endpoint_id, name or endpoint_id, tier, size_class, expires
+            )
+            if claimed is not None:
+                self.metrics.pool_claims.labels(ColdStart.POOL_HIT.value).inc()
+                endpoint, pooled_password = claimed
+                return Created(
+                    endpoint, DEFAULT_ROLE, pooled_password, ColdStart.POOL_HIT,
+                    self.clock() - started,
+                )
+            pool.missed()
+            self.metrics.pool_claims.labels(ColdStart.POOL_MISS.value).inc()
         await self.store.insert_endpoint(
             endpoint_id=endpoint_id,
             name=name or endpoint_id,
@@ -143,8 +171,80 @@ class ControlPlane:
             endpoint, DEFAULT_ROLE, password, ColdStart.POOL_MISS, self.clock() - started
         )
 
+    async def _create_from_pool(
+        self,
+        endpoint_id: str,
+        name: str,
+        tier: Tier,
+        size_class: str,
+        expires: dt.datetime | None,
+    ) -> tuple[EndpointRow, str] | None:
+        """Claim a pooled compute (one statement) and give it the endpoint's config.
+
+        Returns the endpoint and its owner's password; None when the pool is empty
+        or the claimed compute turned out broken (it is removed), and the caller
+        then creates on demand.
+        """
+        assert self.pool is not None
+        # Held from before the endpoint row exists: a wake that finds the new row
+        # waits until the compute has its config.
+        async with self._lock(endpoint_id):
+            compute = await self.store.claim_pool_compute(
+                endpoint_id=endpoint_id,
+                name=name,
+                tier=tier.value,
+                size_class=size_class,
+                database=DEFAULT_DATABASE,
+                role=DEFAULT_ROLE,
+                expires_at=expires,
+            )
+            if compute is None:
+                return None
+            password = self.pool.claimed(compute.id)
+            passwords: dict[str, str] = {}
+            try:
+                if password is None:
+                    # Pooled before a restart of pgwake: its password is not known.
+                    password = generate_password()
+                    passwords[DEFAULT_ROLE] = scram_verifier(password)
+                    await self.store.replace_verifier(
+                        endpoint_id, DEFAULT_ROLE, passwords[DEFAULT_ROLE]
+                    )
+                await self.pool.configure_claimed(
+                    compute.id,
+                    self.provisioner.admin_target(compute.id, tier),
+                    database=DEFAULT_DATABASE,
+                    owner=DEFAULT_ROLE,
+                    passwords=passwords,
+                )
+                self.config_applies += 1
+                endpoint = await self.store.finish_claim(
+                    # A new endpoint is at config version 1 (the column default).
+                    endpoint_id, compute.id, compute.address, config_version=1
+                )
+                return endpoint, password
+            except (ProvisionerError, OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                log.error("claimed pool compute %s is unusable: %s", compute.id, exc)
+                await self._discard_claim(endpoint_id, compute.id, tier)
+                return None
+            except BaseException:
+                await self._discard_claim(endpoint_id, compute.id, tier)
+                raise
+
+    async def _discard_claim(self, endpoint_id: str, compute_id: str, tier: Tier) -> None:
+        assert self.pool is not None
+        await self.pool.forget(compute_id)
+        await self.store.mark_deleted(endpoint_id)
+        await self.provisioner.destroy(compute_id, tier)
+
     async def get(self, endpoint_id: str) -> EndpointRow:
         return await self._endpoint(endpoint_id)
+
+    async def settled(self, endpoint_id: str) -> None:
+        """Wait until the lifecycle operation running on the endpoint (if any) is over."""
+        async with self._lock(endpoint_id):
+            pass
 
     async def list(self) -> list[EndpointRow]:
         return await self.store.list_endpoints()
@@ -177,11 +277,13 @@ class ControlPlane:
                 )
             endpoint = await self._start(endpoint, counted=True)
             assert endpoint.address is not None
+            duration = self.clock() - started
+            self.metrics.wake_duration.labels(ColdStart.RESUMED.value).observe(duration)
             return WakeResult(
                 ComputeAddress.parse(endpoint.address),
                 endpoint.generation,
                 ColdStart.RESUMED,
-                self.clock() - started,
+                duration,
             )
 
     async def _warm_address(self, endpoint: EndpointRow) -> ComputeAddress | None:
@@ -194,17 +296,21 @@ class ControlPlane:
         assert endpoint.compute_id is not None
         tier = Tier(endpoint.tier)
         await self.store.set_state(endpoint.id, State.STARTING)
+        phase = self.metrics.wake_phase
         try:
-            address = await self.provisioner.start(endpoint.compute_id, tier)
-            await self._apply_config_if_changed(endpoint)
+            with phase.labels("start").time():
+                address = await self.provisioner.start(endpoint.compute_id, tier)
+            with phase.labels("config").time():
+                await self._apply_config_if_changed(endpoint)
         except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
             log.error("starting compute for %s failed: %s", endpoint.id, exc)
             await self.provisioner.stop(endpoint.compute_id)
             await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
             raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc
-        return await self.store.mark_started(
-            endpoint.id, endpoint.compute_id, str(address), counted=counted
-        )
+        with phase.labels("record").time():
+            return await self.store.mark_started(
+                endpoint.id, endpoint.compute_id, str(address), counted=counted
+            )
 
     async def _apply_config_if_changed(self, endpoint: EndpointRow) -> None:
         assert endpoint.compute_id is not None
@@ -220,8 +326,17 @@ class ControlPlane:
         self.config_applies += 1
         await self.store.set_applied_config(endpoint.compute_id, endpoint.config_version)
 
-    async def suspend(self, endpoint_id: str, *, only_if_idle_since: float | None = None) -> bool:
-        """Stop the compute (fast shutdown); storage stays. False if there was nothing to do."""
+    async def suspend(
+        self, endpoint_id: str, *, only_if_idle_since: float | None = None,
+        grace: float | None = None,
+    ) -> bool:
+        """Stop the compute; storage stays. False if there was nothing to do.
+
+        For `grace` seconds (default `suspend_grace`) the shutdown is *smart*:
+        running sessions finish their work while new connects get 57P03, which
+        proxies answer by waking again (queued behind this lock); then fast.
+        """
+        grace = self.settings.suspend_grace if grace is None else grace
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:
@@ -230,11 +345,15 @@ class ControlPlane:
                 endpoint.last_active.timestamp() > only_if_idle_since
             ):
                 return False  # a wake or a session arrived since the idle check
-            if only_if_idle_since is not None and await self.connection_count(endpoint):
+            if only_if_idle_since is not None and (
+                self.reported_connections(endpoint_id)
+                or await self.connection_count(endpoint)
+            ):
                 return False
             await self.store.set_state(endpoint_id, State.SUSPENDING)
+            await self._invalidate(endpoint_id)
             try:
-                await self.provisioner.stop(endpoint.compute_id)
+                await self.provisioner.stop(endpoint.compute_id, smart=grace)
             finally:
                 await self.store.mark_suspended(endpoint_id, endpoint.compute_id)
             log.info("endpoint %s suspended", endpoint_id)
@@ -244,9 +363,31 @@ class ControlPlane:
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             await self.store.mark_deleted(endpoint_id)
+            await self._invalidate(endpoint_id)
             if endpoint.compute_id is not None:
                 await self.provisioner.destroy(endpoint.compute_id, Tier(endpoint.tier))
         self._locks.pop(endpoint_id, None)
+
+    async def _invalidate(self, endpoint_id: str) -> None:
+        for listener in self.invalidation_listeners:
+            try:
+                await listener(endpoint_id)
+            except Exception as exc:  # a missed invalidation only costs a retry
+                log.warning("invalidation of %s not published: %r", endpoint_id, exc)
+
+    def record_activity(self, proxy_id: str, connections: dict[str, int], ttl: float) -> None:
+        now = self.clock()
+        self._activity = {k: v for k, v in self._activity.items() if v[0] > now}
+        self._activity[proxy_id] = (now + max(0.0, min(ttl, 60.0)), dict(connections))
+
+    def reported_connections(self, endpoint_id: str) -> int:
+        """Live client sessions for the endpoint, summed over proxies' unexpired reports."""
+        now = self.clock()
+        return sum(
+            counts.get(endpoint_id, 0)
+            for expires, counts in self._activity.values()
+            if expires > now
+        )
 
     async def connection_count(self, endpoint: EndpointRow) -> int | None:
         if endpoint.compute_id is None or not self.provisioner.is_running(endpoint.compute_id):
@@ -262,5 +403,5 @@ class ControlPlane:
     async def close(self) -> None:
         for endpoint in await self.store.list_endpoints():
             if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
-                await self.suspend(endpoint.id)
+                await self.suspend(endpoint.id, grace=0.0)  # shutting down: fast
         await self.provisioner.close()

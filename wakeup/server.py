@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from wakeup.api import (
     ENDPOINT_ID_RE,
     ROLE_NAME_RE,
+    Activity,
     CreatedEndpoint,
     CreateEndpoint,
     Endpoint,
@@ -62,7 +63,7 @@ def create_app(
     api_key: str,
     public: PublicAddress,
     readiness: ReadinessCheck,
-    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pgwake control API", version="1", openapi_url="/openapi.json")
     bearer = HTTPBearer(auto_error=False)
@@ -75,7 +76,7 @@ def create_app(
             )
 
     def checked_id(endpoint_id: str) -> str:
-        if not ENDPOINT_ID_RE.match(endpoint_id):
+        if not ENDPOINT_ID_RE.fullmatch(endpoint_id):
             raise APIProblem(400, "invalid_endpoint_id", f"invalid endpoint id {endpoint_id!r}")
         return endpoint_id
 
@@ -150,7 +151,7 @@ def create_app(
 
     @app.get(v1 + "/endpoints/{endpoint_id}/roles/{role}", dependencies=auth)
     async def get_role(endpoint_id: str, role: str) -> Role:
-        if not ROLE_NAME_RE.match(role):
+        if not ROLE_NAME_RE.fullmatch(role):
             raise APIProblem(404, "role_not_found", "role not found")
         verifier = await control.verifier(checked_id(endpoint_id), role)
         if verifier is None:
@@ -159,10 +160,15 @@ def create_app(
 
     @app.put(v1 + "/endpoints/{endpoint_id}/roles/{role}/password", dependencies=auth)
     async def set_password(endpoint_id: str, role: str, body: SetPassword) -> dict[str, int]:
-        if not ROLE_NAME_RE.match(role):
+        if not ROLE_NAME_RE.fullmatch(role):
             raise APIProblem(400, "invalid_role", f"invalid role name {role!r}")
         version = await control.set_password(checked_id(endpoint_id), role, body.password)
         return {"config_version": version}
+
+    @app.post(v1 + "/activity", dependencies=auth, status_code=204)
+    async def activity(body: Activity) -> Response:
+        control.record_activity(body.proxy_id, body.connections, body.ttl)
+        return Response(status_code=204)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -182,7 +188,7 @@ def create_app(
 
         @app.get("/metrics")
         async def metrics_route() -> Response:
-            body, content_type = render()
+            body, content_type = await render()
             return Response(body, media_type=content_type)
 
     return app

@@ -7,14 +7,20 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import uvicorn
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from wakeup.control import ControlPlane, ControlSettings
 from wakeup.controldb import EmbeddedControlDB
+from wakeup.invalidations import RedisInvalidations
+from wakeup.metrics import ControlMetrics
+from wakeup.pool import PoolManager, PoolSettings
 from wakeup.provisioners.local import LocalProvisioner, LocalSettings
 from wakeup.server import create_app
 from wakeup.store import Store
@@ -34,6 +40,8 @@ class ControlServiceSettings:
     local: LocalSettings
     control: ControlSettings
     control_db_url: str | None = None  # None: run the embedded control DB
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    redis_url: str | None = None  # publish address invalidations to proxies here
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -49,18 +57,30 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 class ControlService:
     def __init__(
-        self, settings: ControlServiceSettings, *, api_socket: socket.socket | None = None
+        self,
+        settings: ControlServiceSettings,
+        *,
+        api_socket: socket.socket | None = None,
+        registry: CollectorRegistry | None = None,
     ):
         self.settings = settings
+        # One registry per process: `pgwake up` shares it with the proxy, so the
+        # control API's /metrics shows both halves.
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ControlMetrics(self.registry)
         self.provisioner = LocalProvisioner(settings.local)
         self.store: Store | None = None
         self.control: ControlPlane | None = None
+        self.pool: PoolManager | None = None
         self.controldb: EmbeddedControlDB | None = None
         self._http: _EmbeddedUvicorn | None = None
         self._socket: socket.socket | None = api_socket
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self.extra_readiness: dict[str, Any] = {}
+        self._pool_stop = asyncio.Event()
+        self._pool_task: asyncio.Task[None] | None = None
+        self.invalidations: RedisInvalidations | None = None
 
     @property
     def api_port(self) -> int:
@@ -88,10 +108,17 @@ class ControlService:
         else:
             self.store = Store(s.control_db_url)
         await self.store.open()
-        self.control = ControlPlane(self.store, self.provisioner, s.control)
+        self.control = ControlPlane(self.store, self.provisioner, s.control, metrics=self.metrics)
         await self.control.recover()
+        if s.redis_url:
+            self.invalidations = RedisInvalidations(s.redis_url)
+            self.control.invalidation_listeners.append(self.invalidations)
         app = create_app(
-            self.control, api_key=s.api_key, public=s.public, readiness=self.readiness
+            self.control,
+            api_key=s.api_key,
+            public=s.public,
+            readiness=self.readiness,
+            metrics=self.render_metrics,
         )
         config = uvicorn.Config(
             app, host=s.api_host, port=s.api_port, log_level="warning", lifespan="off",
@@ -108,7 +135,23 @@ class ControlService:
         self._tasks.append(
             asyncio.create_task(Janitor(self.control).run(self._stop), name="janitor")
         )
+        if s.pool.enabled:
+            self.pool = self.control.pool = PoolManager(
+                self.store, self.provisioner, s.pool, metrics=self.metrics
+            )
+            self._pool_task = asyncio.create_task(self.pool.run(self._pool_stop), name="pool")
         log.info("control API on %s", self.api_url)
+
+    async def render_metrics(self) -> tuple[bytes, str]:
+        if self.store is not None:
+            try:
+                counts = await self.store.counts_by_state()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                counts = None  # the control DB is down; /readyz says so
+            if counts is not None:
+                for state in ("running", "stopped"):
+                    self.metrics.computes.labels(state).set(counts.get(state, 0))
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"control_db": self.store is not None and await self.store.ping()}
@@ -118,6 +161,10 @@ class ControlService:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._pool_task is not None:
+            # Before the computes stop: no refill may start a new one behind our back.
+            self._pool_stop.set()
+            await asyncio.gather(self._pool_task, return_exceptions=True)
         if self._http is not None:
             self._http.should_exit = True
         if self.control is not None:
@@ -125,6 +172,8 @@ class ControlService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.store is not None:
             await self.store.close()
+        if self.invalidations is not None:
+            await self.invalidations.close()
         if self.controldb is not None:
             await self.controldb.stop()
 

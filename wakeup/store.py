@@ -49,6 +49,16 @@ MIGRATIONS: list[str] = [
     );
     create index computes_endpoint on computes (endpoint_id);
     """,
+    # Warm pool: pool items are compute rows with no endpoint (state pool_starting,
+    # then pooled), per tier and compute size class.
+    """
+    alter table computes add column size_class text not null default 'small';
+    -- The verifier of the password generated for a pooled compute (installed at fill
+    -- time: ALTER ROLE … PASSWORD costs a PBKDF2 run on the compute, not on a claim).
+    alter table computes add column pool_verifier text;
+    create index computes_pool on computes (tier, size_class, created_at)
+        where endpoint_id is null and state = 'pooled';
+    """,
 ]
 
 
@@ -85,6 +95,25 @@ class ComputeRow:
     state: str
     address: str | None
     applied_config_version: int
+
+
+@dataclass(frozen=True)
+class ClaimedCompute:
+    id: str
+    address: str
+    verifier: str  # installed on the compute's placeholder role when it was pooled
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    """A warm-pool compute: started (or starting), no endpoint yet."""
+
+    id: str
+    tier: str
+    size_class: str
+    state: str  # pool_starting | pooled
+    address: str | None
+    created_at: dt.datetime
 
 
 class Store:
@@ -292,3 +321,109 @@ class Store:
             "select state, count(*) as n from computes where state <> 'deleted' group by state"
         )
         return {r["state"]: r["n"] for r in rows}
+
+    # -- warm pool ------------------------------------------------------------------
+
+    async def insert_pool_compute(self, compute_id: str, tier: str, size_class: str) -> None:
+        await self.pool.execute(
+            "insert into computes (id, tier, size_class, state)"
+            " values ($1, $2, $3, 'pool_starting')",
+            compute_id, tier, size_class,
+        )
+
+    async def mark_pooled(self, compute_id: str, address: str, verifier: str) -> bool:
+        """The pooled compute is started and has its placeholders; False if it was retired."""
+        done = await self.pool.fetchval(
+            "update computes set state = 'pooled', address = $2, started_at = now(),"
+            " applied_config_version = 0, pool_verifier = $3"
+            " where id = $1 and endpoint_id is null and state = 'pool_starting' returning id",
+            compute_id, address, verifier,
+        )
+        return done is not None
+
+    async def set_pool_address(self, compute_id: str, address: str) -> bool:
+        """A pooled compute started again (after a restart of pgwake) answers here."""
+        done = await self.pool.fetchval(
+            "update computes set address = $2, started_at = now()"
+            " where id = $1 and endpoint_id is null and state = 'pooled' returning id",
+            compute_id, address,
+        )
+        return done is not None
+
+    async def pool_items(self) -> list[PoolItem]:
+        rows = await self.pool.fetch(
+            "select id, tier, size_class, state, address, created_at from computes"
+            " where endpoint_id is null and state in ('pool_starting', 'pooled')"
+            " order by created_at, id"
+        )
+        return [PoolItem(**dict(r)) for r in rows]
+
+    async def retire_pool_compute(self, compute_id: str) -> bool:
+        """Remove an unclaimed pool item; False if a claim got it first."""
+        done = await self.pool.fetchval(
+            "delete from computes where id = $1 and endpoint_id is null"
+            " and state in ('pool_starting', 'pooled') returning id",
+            compute_id,
+        )
+        return done is not None
+
+    async def claim_pool_compute(
+        self,
+        *,
+        endpoint_id: str,
+        name: str,
+        tier: str,
+        size_class: str,
+        database: str,
+        role: str,
+        expires_at: dt.datetime | None,
+    ) -> ClaimedCompute | None:
+        """Claim a pooled compute and create the endpoint on it: one statement.
+
+        SKIP LOCKED: concurrent creates neither wait for each other nor get the same
+        compute. The owner role gets the verifier installed when the compute was
+        pooled. An empty pool inserts nothing and returns None.
+        """
+        r = await self.pool.fetchrow(
+            "with claimed as ("
+            "  update computes set endpoint_id = $1, state = 'running'"
+            "  where state = 'pooled' and id = ("
+            "    select id from computes where endpoint_id is null and state = 'pooled'"
+            "    and tier = $3 and size_class = $4"
+            "    order by created_at limit 1 for update skip locked)"
+            "  returning id, address, pool_verifier"
+            "), endpoint as ("
+            "  insert into endpoints (id, name, tier, state, database, owner_role,"
+            "    compute_id, expires_at)"
+            "  select $1, $2, $3, 'starting', $5, $6, claimed.id, $7 from claimed"
+            "  returning id"
+            "), owner as ("
+            "  insert into roles (endpoint_id, name, verifier)"
+            "  select endpoint.id, $6, claimed.pool_verifier from endpoint, claimed"
+            ") select id, address, pool_verifier from claimed",
+            endpoint_id, name, tier, size_class, database, role, expires_at,
+        )
+        if r is None:
+            return None
+        return ClaimedCompute(r["id"], r["address"], r["pool_verifier"])
+
+    async def replace_verifier(self, endpoint_id: str, role: str, verifier: str) -> None:
+        """Set a role's verifier without a config version bump (the caller applies it)."""
+        await self.pool.execute(
+            "update roles set verifier = $3 where endpoint_id = $1 and name = $2",
+            endpoint_id, role, verifier,
+        )
+
+    async def finish_claim(
+        self, endpoint_id: str, compute_id: str, address: str, config_version: int
+    ) -> EndpointRow:
+        """The claimed compute has the endpoint's config: the endpoint is active."""
+        r = await self.pool.fetchrow(
+            "with compute as ("
+            "  update computes set applied_config_version = $4, pool_verifier = null"
+            "  where id = $2"
+            ") update endpoints set state = 'active', address = $3, last_active = now(),"
+            " wakes = wakes + 1 where id = $1 returning *",
+            endpoint_id, compute_id, address, config_version,
+        )
+        return EndpointRow.from_record(r)

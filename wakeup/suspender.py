@@ -19,8 +19,9 @@ class Janitor:
 
     def __init__(self, control: ControlPlane, *, interval: float | None = None):
         self.control = control
-        idle = control.settings.idle_timeout
-        # Check often enough that an endpoint is suspended within ~1.25× its timeout.
+        idle = min(control.settings.idle_timeout, control.settings.ephemeral_ttl)
+        # Check often enough that an endpoint is suspended (or an ephemeral one
+        # deleted) within ~1.25× its timeout.
         self.interval = interval if interval is not None else min(max(idle / 4, 0.5), 30.0)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -43,6 +44,10 @@ class Janitor:
                         await self.control.delete(endpoint.id)
                 continue
             if endpoint.state is not State.ACTIVE:
+                continue
+            if self.control.reported_connections(endpoint.id) > 0:
+                # A proxy has a client on it (perhaps still logging in): busy.
+                await self.control.store.touch(endpoint.id)
                 continue
             connections = await self.control.connection_count(endpoint)
             if connections is None:

@@ -215,23 +215,32 @@ def _escape_option(token: str) -> str:
 def extract_endpoint_from_options(options: str) -> tuple[str | None, str]:
     """Find ``endpoint=<id>`` tokens; return the id and the options without them, re-escaped.
 
-    This is how clients that cannot send SNI name their endpoint.  A ``-c``
+    This is how clients that cannot send SNI name their endpoint.
+    """
+    return extract_option(options, "endpoint")
+
+
+def extract_option(options: str, name: str) -> tuple[str | None, str]:
+    """Take the proxy's own ``<name>=<value>`` tokens out of a libpq ``options`` value.
+
+    Returns the value and the rest, re-escaped for the compute. A ``-c``
     right before such a token goes with it: left alone it would swallow the
     next option when the compute parses the rest.
     """
-    endpoint: str | None = None
+    found: str | None = None
     kept: list[str] = []
     for token in parse_options(options):
-        name, sep, value = token.partition("=")
-        if name != "endpoint" or not sep:
+        key, sep, value = token.partition("=")
+        if key != name or not sep:
             kept.append(token)
             continue
+        label = "endpoint id" if name == "endpoint" else name
         if not value:
-            raise ProtocolViolation("empty endpoint id in options")
-        if endpoint is not None and endpoint != value:
-            raise ProtocolViolation("conflicting endpoint ids in options")
-        endpoint = value
+            raise ProtocolViolation(f"empty {label} in options")
+        if found is not None and found != value:
+            raise ProtocolViolation(f"conflicting {label}s in options")
+        found = value
         if kept and kept[-1] == "-c":
             kept.pop()
     # An empty token (from a lone backslash) has no escaped form; dropping it is harmless.
-    return endpoint, " ".join(_escape_option(token) for token in kept if token)
+    return found, " ".join(_escape_option(token) for token in kept if token)

@@ -28,10 +28,14 @@ async def idle_stack(pg_bin: Path) -> AsyncIterator[Up]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-async def wait_for_state(client: ControlClient, endpoint_id: str, state: str, within: float) -> None:
+async def wait_for_state(
+    client: ControlClient, endpoint_id: str, state: str, within: float
+) -> None:
+    # The janitor's decision is only visible through the API, as it is to a user:
+    # poll it, with a deadline.
     async with asyncio.timeout(within):
-        while (await client.get_endpoint(endpoint_id)).state != state:
-            await asyncio.sleep(0.1)  # polling the API a user would poll; bounded above
+        while (await client.get_endpoint(endpoint_id)).state != state:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
 
 
 async def test_idle_endpoint_suspends_and_keeps_its_data(idle_stack: Up) -> None:

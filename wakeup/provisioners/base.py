@@ -40,8 +40,8 @@ class Provisioner(Protocol):
     async def start(self, compute_id: str, tier: Tier) -> ComputeAddress:
         """Start the compute and return once it accepts connections."""
 
-    async def stop(self, compute_id: str) -> None:
-        """Fast shutdown: abort transactions, checkpoint, exit. Storage survives."""
+    async def stop(self, compute_id: str, *, smart: float = 0.0) -> None:
+        """Fast shutdown (after `smart` s of smart shutdown, if given). Storage survives."""
 
     async def destroy(self, compute_id: str, tier: Tier) -> None:
         """Stop if running and delete the storage."""

@@ -219,7 +219,11 @@ class LocalProvisioner:
         assert last_error is not None
         raise last_error
 
-    async def stop(self, compute_id: str) -> None:
+    async def stop(self, compute_id: str, *, smart: float = 0.0) -> None:
+        proc = self._running.get(compute_id)
+        if proc is not None and smart > 0:
+            # Still listed (and its port still ours) while sessions finish.
+            await proc.stop(self.settings.stop_timeout, smart=smart)
         proc = self._running.pop(compute_id, None)
         self._ports.pop(compute_id, None)
         if proc is not None:
@@ -249,6 +253,8 @@ class LocalProvisioner:
                 return ComputeAddress(self.settings.listen or "127.0.0.1", self._ports[compute_id])
             self._running.pop(compute_id, None)
             self._ports.pop(compute_id, None)
+            if isinstance(proc, PostgresProcess):
+                await proc.kill()  # it has exited (a crash): reap it, close its log relay
             return None
         # Not ours: perhaps started by an earlier pgwake process. Adopt it.
         info = read_postmaster_pid(self.compute_dir(compute_id, tier) / "pgdata")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -91,8 +92,17 @@ class PostgresProcess:
         assert self._proc.stderr is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
+        # uvloop's transport closes the descriptor itself and then calls close() on
+        # the file object too; a file object that also closed it would close a
+        # number another thread may have reused in between (EBADF in a concurrent
+        # rmtree). So the loop gets its own duplicate in a non-closing wrapper, and
+        # Popen's file object is closed now.
+        stderr_fd = os.dup(self._proc.stderr.fileno())
+        self._proc.stderr.close()
+        self._proc.stderr = None
         self._pipe, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self._proc.stderr
+            lambda: asyncio.StreamReaderProtocol(reader),
+            io.FileIO(stderr_fd, "rb", closefd=False),
         )
         self._relay = asyncio.create_task(self._relay_stderr(reader), name=f"pglog:{o.pgdata}")
         exited = asyncio.ensure_future(wait_pid_exit(self._proc, timeout))
@@ -142,11 +152,12 @@ class PostgresProcess:
         if self._pipe is not None:
             self._pipe.close()
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT); immediate (SIGQUIT) then SIGKILL past the deadline."""
+    async def stop(self, timeout: float = 30.0, *, smart: float = 0.0) -> None:
+        """Smart shutdown (SIGTERM) for `smart` s if asked, then fast (SIGINT);
+        immediate (SIGQUIT) then SIGKILL past the deadline."""
         if self._proc is None:
             return
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in _stop_steps(timeout, smart):
             if self._proc.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
@@ -261,8 +272,8 @@ class AdoptedPostmaster:
             return True
         return True
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+    async def stop(self, timeout: float = 30.0, *, smart: float = 0.0) -> None:
+        for sig, wait in _stop_steps(timeout, smart):
             try:
                 os.kill(self.info.pid, sig)
             except ProcessLookupError:
@@ -294,3 +305,10 @@ async def run_checked(argv: list[str], run_as: RunAs | None, timeout: float) -> 
     if result.returncode != 0:
         raise ProvisionerError(f"{' '.join(argv)} failed ({result.returncode}):\n{text[-2000:]}")
     return text
+
+
+def _stop_steps(timeout: float, smart: float) -> list[tuple[signal.Signals, float]]:
+    """Signals to send in turn, each with how long to wait for the exit."""
+    steps = [(signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)]
+    # Smart: sessions finish their work, new connections get 57P03.
+    return [(signal.SIGTERM, smart), *steps] if smart > 0 else steps

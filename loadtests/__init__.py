@@ -1,0 +1,1 @@
+"""Reproducible latency and throughput harness for pgwake (never imported by the product)."""

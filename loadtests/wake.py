@@ -1,0 +1,190 @@
+"""Wake latency: suspended → connect → first row through pgwake, next to a raw PostgreSQL
+start on the same data directory (interleaved in one run); and the 500-client herd on one
+suspended endpoint through two `pgwake proxy` processes sharing a real Redis.
+
+Budgets: cold connect p50 ≤ 50 ms, p99 ≤ 120 ms; herd p99 ≤ 1 s, exactly one wake.
+Run: python -m loadtests.wake [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from loadtests.stack import BenchStack, raise_fd_limit, running_stack
+from loadtests.stats import print_table, summary, write_result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def first_row(conninfo: str) -> None:
+    async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+        cur = await conn.execute("select 1")
+        await cur.fetchone()
+
+
+async def raw_start_ms(pgdata: Path, bindir: Path, user: str, password: str, db: str) -> float:
+    """Start postgres on the data dir directly, connect + first row, stop (fast)."""
+    owner = await asyncio.to_thread(pgdata.stat)
+    port = free_port()
+    sockdir = Path(tempfile.mkdtemp(prefix="pgwake-raw-", dir="/tmp"))
+    os.chown(sockdir, owner.st_uid, owner.st_gid)
+    conninfo = (f"host=127.0.0.1 port={port} user={user} password={password} dbname={db} "
+                "sslmode=disable connect_timeout=5")
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(sockdir),
+        "-c", "listen_addresses=127.0.0.1",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        user=owner.st_uid, group=owner.st_gid,
+    )
+    try:
+        async with asyncio.timeout(30):
+            while True:  # what a client does while a database starts: try again
+                try:
+                    await first_row(conninfo)
+                    break
+                except psycopg.OperationalError:
+                    await asyncio.sleep(0.001)
+        return (time.perf_counter() - started) * 1000
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+async def cold(stack: BenchStack, cycles: int) -> dict[str, Any]:
+    from wakeup.provisioners.pgbin import embedded_bindir
+
+    bindir = embedded_bindir()
+    assert bindir is not None
+    ep = await stack.client.create_endpoint()
+    address = (await stack.client.get_endpoint(ep.id)).address
+    assert address is not None
+    pgdata = stack.compute_dir(address) / "pgdata"
+    series: dict[str, list[float]] = {"raw postgres start": [], "pgwake suspended": []}
+    await first_row(ep.url_no_sni)
+    for _ in range(cycles):
+        await stack.client.suspend(ep.id)
+        series["raw postgres start"].append(
+            await raw_start_ms(pgdata, bindir, ep.user, ep.password, ep.database)
+        )
+        started = time.perf_counter()
+        await first_row(ep.url_no_sni)
+        series["pgwake suspended"].append((time.perf_counter() - started) * 1000)
+    return {"cycles": cycles, "stats": {k: summary(v) for k, v in series.items()},
+            "samples_ms": series}
+
+
+async def start_redis() -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+        "127.0.0.1", "--save", "", "--appendonly", "no",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        while b"Ready to accept connections" not in await proc.stdout.readline():
+            if proc.returncode is not None:
+                raise RuntimeError("redis-server exited")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+async def herd(stack: BenchStack, redis_url: str, clients: int) -> dict[str, Any]:
+    procs = []
+    ports = []
+    try:
+        for _ in range(2):
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("pgwake")), "proxy", "--listen",
+                "127.0.0.1:0", "--data-dir", str(stack.data_dir), "--redis", redis_url,
+                "--endpoint-client-cap", "45", "--log-level", "warning",
+                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            ports.append(int(line.rsplit(":", 1)[1]))
+        ep = await stack.client.create_endpoint()
+        info = (f"host=127.0.0.1 user={ep.user} password={ep.password} dbname={ep.database} "
+                f"sslmode=require options=endpoint={ep.id} connect_timeout=30")
+        await first_row(f"{info} port={ports[0]}")
+        await stack.client.suspend(ep.id)
+        before = (await stack.client.get_endpoint(ep.id)).wakes
+
+        async def one(port: int) -> float:
+            started = time.perf_counter()
+            await first_row(f"{info} port={port}")
+            return (time.perf_counter() - started) * 1000
+
+        results = await asyncio.gather(*(one(ports[i % 2]) for i in range(clients)),
+                                       return_exceptions=True)
+        times = [r for r in results if isinstance(r, float)]
+        wakes = (await stack.client.get_endpoint(ep.id)).wakes - before
+        return {"clients": clients, "errors": len(results) - len(times), "wakes": wakes,
+                "stats": summary(times), "samples_ms": times}
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 60)
+
+
+async def run(cycles: int, clients: int) -> dict[str, Any]:
+    raise_fd_limit()
+    redis, url = await start_redis()
+    try:
+        async with running_stack("--redis", url) as stack:
+            cold_result = await cold(stack, cycles)
+            herd_result = await herd(stack, url, clients)
+    finally:
+        redis.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(redis.wait(), 30)
+    return {"cold": cold_result, "herd": herd_result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.wake")
+    parser.add_argument("--cycles", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    parser.add_argument("--quick", action="store_true", help="10 cycles, 100 clients")
+    args = parser.parse_args(argv)
+    cycles, clients = (10, 100) if args.quick else (args.cycles, args.clients)
+    result = asyncio.run(run(cycles, clients))
+    path = write_result(args.out, "wake", result)
+    rows = [{"path": k, **v} for k, v in result["cold"]["stats"].items()]
+    print_table(f"suspended → connect → first row, {cycles} cycles (ms)", rows,
+                ["path", "n", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+    herd_result = result["herd"]
+    print_table(f"herd: {clients} clients, 2 proxy processes, shared Redis (ms)",
+                [{"errors": herd_result["errors"], "wakes": herd_result["wakes"],
+                  **herd_result["stats"]}],
+                ["n", "errors", "wakes", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+    print("\nbudgets: suspended p50 ≤ 50 ms, p99 ≤ 120 ms; herd p99 ≤ 1000 ms, 1 wake, 0 errors")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Proxy metrics (Prometheus), registered in a registry passed in; label sets are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+# Connect latency spans a cached connect (~5 ms) to a cold wake (seconds).
+LATENCY_BUCKETS = (
+    0.002, 0.005, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.connect_latency = Histogram(
+            "pgwake_connect_latency_seconds",
+            "Time from accept to ReadyForQuery. excluded=client subtracts time spent "
+            "waiting for the client (TLS and auth round trips).",
+            ["cold_start", "outcome", "excluded"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.connections_active = Gauge(
+            "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
+        )
+        self.connections_total = Counter(
+            "pgwake_connections_total", "Client connections by how they ended.", ["outcome"],
+            registry=registry,
+        )
+        self.errors_total = Counter(
+            "pgwake_errors_total", "ErrorResponses sent to clients by the proxy.", ["sqlstate"],
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "pgwake_cache_requests_total", "Proxy cache lookups.", ["cache", "outcome"],
+            registry=registry,
+        )
+        self.bytes_total = Counter(
+            "pgwake_bytes_total", "Bytes spliced, by direction.", ["direction"],
+            registry=registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int
+) -> asyncio.Server:
+    """A minimal HTTP listener for `GET /metrics` (for `pgwake proxy --metrics`)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
+                status = b"200 OK"
+            else:
+                body, ctype, status = b"not found\n", "text/plain", b"404 Not Found"
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype.encode()
+                + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n" + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

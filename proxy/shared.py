@@ -1,0 +1,402 @@
+"""Shared proxy state: address cache, wake locks, rate buckets, cancel keys, invalidations.
+
+One interface, two implementations. `LocalShared` keeps everything in this
+process (`pgwake up` without `--redis`). `RedisShared` shares it between proxy
+replicas through Redis and keeps a `LocalShared` underneath: when Redis fails
+it logs a warning, counts the error and answers from the local state
+(per-replica behaviour), and goes back to Redis after a short pause. A Redis
+problem never refuses a client connection by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from wakeup.api import INVALIDATION_CHANNEL, ComputeAddress
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "pgwake:"
+# After a Redis error, skip Redis for this long before trying it again.
+REDIS_RETRY_AFTER = 1.0
+
+
+@dataclass(frozen=True)
+class CachedAddress:
+    address: ComputeAddress
+    generation: int
+
+
+@dataclass(frozen=True)
+class SharedCancel:
+    address: ComputeAddress
+    pid: int
+    secret: bytes
+
+
+class SharedState(Protocol):
+    """What the wake path and cancel keys need from state shared across replicas."""
+
+    errors: int  # backend (Redis) errors seen; a metric
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def get_address(self, endpoint_id: str) -> CachedAddress | None: ...
+    async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None: ...
+    async def invalidate(self, endpoint_id: str) -> None: ...
+    async def try_lock(self, endpoint_id: str, token: str, expiry: float) -> bool: ...
+    async def unlock(self, endpoint_id: str, token: str) -> None: ...
+    def waiter(self, endpoint_id: str) -> asyncio.Event: ...
+    async def wait_woken(self, endpoint_id: str, timeout: float) -> None: ...
+    async def take_token(self, bucket: str, rate: float, burst: float) -> float: ...
+    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None: ...
+    async def get_cancel(self, pid: int) -> SharedCancel | None: ...
+    async def drop_cancel(self, pid: int) -> None: ...
+
+
+def jittered(ttl: float) -> float:
+    """TTL ±10 %, so entries written together do not expire together."""
+    return ttl * random.uniform(0.9, 1.1)
+
+
+class LocalShared:
+    """The in-process implementation (one replica, or Redis unavailable)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.errors = 0
+        self._addresses: dict[str, tuple[float, CachedAddress]] = {}
+        self._locks: dict[str, tuple[float, str]] = {}
+        self._woken: dict[str, asyncio.Event] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
+        self._cancels: dict[int, tuple[float, SharedCancel]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.announce(None)
+
+    # The address cache.
+
+    async def get_address(self, endpoint_id: str) -> CachedAddress | None:
+        entry = self._addresses.get(endpoint_id)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._addresses[endpoint_id]
+            return None
+        return entry[1]
+
+    async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
+        self._addresses[endpoint_id] = (self.clock() + ttl, value)
+        self.announce(endpoint_id)
+
+    async def invalidate(self, endpoint_id: str) -> None:
+        self.forget(endpoint_id)
+
+    def forget(self, endpoint_id: str | None) -> None:
+        """Drop a cached address (all of them for None)."""
+        if endpoint_id is None:
+            self._addresses.clear()
+        else:
+            self._addresses.pop(endpoint_id, None)
+
+    # The wake lock: one wake per endpoint; others wait to be told it is done.
+
+    async def try_lock(self, endpoint_id: str, token: str, expiry: float) -> bool:
+        now = self.clock()
+        held = self._locks.get(endpoint_id)
+        if held is not None and held[0] > now and held[1] != token:
+            return False
+        self._locks[endpoint_id] = (now + expiry, token)
+        return True
+
+    async def unlock(self, endpoint_id: str, token: str) -> None:
+        held = self._locks.get(endpoint_id)
+        if held is not None and held[1] == token:
+            del self._locks[endpoint_id]
+        self.announce(endpoint_id)
+
+    def waiter(self, endpoint_id: str) -> asyncio.Event:
+        event = self._woken.get(endpoint_id)
+        if event is None:
+            event = self._woken[endpoint_id] = asyncio.Event()
+        return event
+
+    async def wait_woken(self, endpoint_id: str, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.waiter(endpoint_id).wait()
+
+    def announce(self, endpoint_id: str | None) -> None:
+        """Wake everyone waiting on this endpoint's wake (all endpoints for None)."""
+        if endpoint_id is None:
+            events = list(self._woken.values())
+            self._woken.clear()
+        else:
+            event = self._woken.pop(endpoint_id, None)
+            events = [event] if event is not None else []
+        for event in events:
+            event.set()
+
+    # Token buckets: 0.0 means a token was taken, else seconds until one is due.
+
+    async def take_token(self, bucket: str, rate: float, burst: float) -> float:
+        now = self.clock()
+        tokens, last = self._buckets.get(bucket, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate)
+        if tokens >= 1.0:
+            self._buckets[bucket] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[bucket] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+    # Cancel keys.
+
+    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
+        self._cancels[pid] = (self.clock() + ttl, target)
+
+    async def get_cancel(self, pid: int) -> SharedCancel | None:
+        entry = self._cancels.get(pid)
+        if entry is None or entry[0] <= self.clock():
+            return None
+        return entry[1]
+
+    async def drop_cancel(self, pid: int) -> None:
+        self._cancels.pop(pid, None)
+
+
+# A token bucket in one round trip: returns 0 when a token was taken, else the
+# milliseconds until one is due.
+_TAKE_TOKEN = """
+local now = tonumber(ARGV[1]); local rate = tonumber(ARGV[2]); local burst = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return wait
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisShared:
+    """Redis-backed shared state, with a local fallback and a local L1 address cache."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic):
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.clock = clock
+        self.local = LocalShared(clock)
+        self.errors = 0
+        self.degraded = False
+        self._retry_at = 0.0
+        # A bounded pool that queues callers (briefly) instead of failing them.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=32, timeout=0.5, socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+        )
+        self._pool: Any = pool
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        return not self.degraded or self.clock() >= self._retry_at
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._retry_at = self.clock() + REDIS_RETRY_AFTER
+        if not self.degraded:
+            log.warning("redis unavailable (%s: %r); per-replica state until it returns",
+                        what, exc)
+        self.degraded = True
+
+    def _ok(self) -> None:
+        if self.degraded:
+            log.warning("redis is back; sharing proxy state again")
+            # Invalidations may have been missed while away: trust nothing cached.
+            self.local.forget(None)
+        self.degraded = False
+
+    async def _call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        if not self._usable():
+            return False, None
+        try:
+            result = await fn()
+        except (OSError, TimeoutError, _redis_errors()) as exc:
+            self._failed(what, exc)
+            return False, None
+        self._ok()
+        return True, result
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-invalidations")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self.local.close()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect()
+
+    async def _listen(self) -> None:
+        """Follow the invalidation channel; resubscribe with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(INVALIDATION_CHANNEL)
+                self.subscribed.set()
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=30.0)
+                    if message is not None and message.get("type") == "message":
+                        self._on_event(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except (OSError, TimeoutError, _redis_errors()) as exc:
+                self.subscribed.clear()
+                self._failed("subscribe", exc)
+                self.local.forget(None)
+                self.local.announce(None)  # waiters re-check rather than wait for a lost event
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 2.0)
+
+    def _on_event(self, data: bytes) -> None:
+        kind, _, endpoint_id = data.decode(errors="replace").partition(":")
+        if kind == "invalidate":
+            self.local.forget(endpoint_id)
+        self.local.announce(endpoint_id)
+
+    # -- the interface -----------------------------------------------------------------
+
+    async def get_address(self, endpoint_id: str) -> CachedAddress | None:
+        hit = await self.local.get_address(endpoint_id)
+        if hit is not None:
+            return hit
+        key = KEY_PREFIX + "addr:" + endpoint_id
+        ok, raw = await self._call("get", lambda: self._redis.get(key))
+        if not ok or raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            value = CachedAddress(ComputeAddress.parse(data["address"]), int(data["generation"]))
+            ttl_left = float(data["expires"]) - time.time()
+        except (ValueError, KeyError, TypeError):
+            return None
+        if ttl_left > 0:
+            self.local._addresses[endpoint_id] = (self.clock() + ttl_left, value)
+        return value
+
+    async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
+        await self.local.put_address(endpoint_id, value, ttl)
+        body = json.dumps({"address": str(value.address), "generation": value.generation,
+                           "expires": time.time() + ttl})
+        await self._call("set", lambda: self._redis.set(
+            KEY_PREFIX + "addr:" + endpoint_id, body, px=max(1, int(ttl * 1000))))
+        await self._call("publish", lambda: self._redis.publish(
+            INVALIDATION_CHANNEL, f"woken:{endpoint_id}"))
+
+    async def invalidate(self, endpoint_id: str) -> None:
+        self.local.forget(endpoint_id)
+
+        async def both() -> None:
+            await self._redis.delete(KEY_PREFIX + "addr:" + endpoint_id)
+            await self._redis.publish(INVALIDATION_CHANNEL, f"invalidate:{endpoint_id}")
+
+        await self._call("invalidate", both)
+
+    async def try_lock(self, endpoint_id: str, token: str, expiry: float) -> bool:
+        ok, taken = await self._call("lock", lambda: self._redis.set(
+            KEY_PREFIX + "wakelock:" + endpoint_id, token, nx=True, px=max(1, int(expiry * 1000))))
+        if not ok:
+            return await self.local.try_lock(endpoint_id, token, expiry)
+        return bool(taken)
+
+    async def unlock(self, endpoint_id: str, token: str) -> None:
+        await self.local.unlock(endpoint_id, token)
+
+        async def release() -> None:
+            await self._redis.eval(_UNLOCK, 1, KEY_PREFIX + "wakelock:" + endpoint_id, token)
+            # Waiters elsewhere re-check: the address is cached, or the wake failed.
+            await self._redis.publish(INVALIDATION_CHANNEL, f"unlocked:{endpoint_id}")
+
+        await self._call("unlock", release)
+
+    def waiter(self, endpoint_id: str) -> asyncio.Event:
+        return self.local.waiter(endpoint_id)
+
+    async def wait_woken(self, endpoint_id: str, timeout: float) -> None:
+        await self.local.wait_woken(endpoint_id, timeout)
+
+    async def take_token(self, bucket: str, rate: float, burst: float) -> float:
+        now_ms = int(time.time() * 1000)
+        ok, wait_ms = await self._call("bucket", lambda: self._redis.eval(
+            _TAKE_TOKEN, 1, KEY_PREFIX + "bucket:" + bucket, now_ms, rate, burst))
+        if not ok:
+            return await self.local.take_token(bucket, rate, burst)
+        return float(wait_ms) / 1000.0
+
+    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
+        await self.local.put_cancel(pid, target, ttl)
+        body = json.dumps({"address": str(target.address), "pid": target.pid,
+                           "secret": target.secret.hex()})
+        await self._call("cancel-set", lambda: self._redis.set(
+            f"{KEY_PREFIX}cancel:{pid}", body, px=max(1, int(ttl * 1000))))
+
+    async def get_cancel(self, pid: int) -> SharedCancel | None:
+        hit = await self.local.get_cancel(pid)
+        if hit is not None:
+            return hit
+        key = f"{KEY_PREFIX}cancel:{pid}"
+        ok, raw = await self._call("cancel-get", lambda: self._redis.get(key))
+        if not ok or raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return SharedCancel(ComputeAddress.parse(data["address"]), int(data["pid"]),
+                                bytes.fromhex(data["secret"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def drop_cancel(self, pid: int) -> None:
+        await self.local.drop_cancel(pid)
+        await self._call("cancel-del", lambda: self._redis.delete(f"{KEY_PREFIX}cancel:{pid}"))
+
+
+def _redis_errors() -> type[Exception]:
+    import redis.exceptions
+
+    return redis.exceptions.RedisError
+
+
+def open_shared(redis_url: str | None) -> SharedState:
+    return RedisShared(redis_url) if redis_url else LocalShared()

@@ -1,0 +1,147 @@
+"""What operators see: /metrics families and labels, the connection log, /readyz."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pgwake.up import Up
+from tests.helpers import make_data_dir, up_settings
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def value(data: Samples, name: str, **labels: str) -> float:
+    return data.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(up: Up) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert up.control is not None
+    async with httpx.AsyncClient(base_url=up.control.api_url) as http:
+        response = await http.get("/metrics")
+        assert response.status_code == 200
+        return samples(response.text)
+
+
+async def test_metrics_after_a_wake_and_a_warm_connect(stack: Up) -> None:
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    await stack.client.suspend(ep.id)
+    before = await scrape(stack)
+
+    async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as conn:  # wakes
+        await conn.execute("select 1")
+    async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as conn:  # warm, cached
+        await conn.execute("select 1")
+    after = await scrape(stack)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    hist = "pgwake_connect_latency_seconds_count"
+    assert delta(hist, cold_start="resumed", outcome="ok", excluded="none") == 1
+    assert delta(hist, cold_start="resumed", outcome="ok", excluded="client") == 1
+    assert delta(hist, cold_start="warm", outcome="ok", excluded="none") == 1
+    assert delta("pgwake_wake_duration_seconds_count", cold_start="resumed") == 1
+    assert delta("pgwake_wake_phase_seconds_count", phase="start") == 1
+    assert delta("pgwake_cache_requests_total", cache="address", outcome="hit") == 1
+    assert delta("pgwake_connections_total", outcome="ok") == 2
+    assert delta("pgwake_bytes_total", direction="from_compute") > 0
+    assert value(after, "pgwake_computes", state="running") >= 1
+    # Bounded label sets: no endpoint ids anywhere in the exposition.
+    assert not any(ep.id in str(key) for key in after)
+
+
+async def test_auth_failure_is_logged_and_counted(
+    stack: Up, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    before = value(await scrape(stack), "pgwake_errors_total", sqlstate="28P01")
+    bad = ep.url_no_sni.replace(ep.password, "wrong")
+    with caplog.at_level(logging.INFO, logger="pgwake.connections"):
+        with pytest.raises(psycopg.OperationalError):
+            await psycopg.AsyncConnection.connect(bad)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pgwake.connections"]
+    assert any("sqlstate=28P01" in line and ep.id in line for line in lines), lines
+    after = value(await scrape(stack), "pgwake_errors_total", sqlstate="28P01")
+    assert after == before + 1
+
+
+async def test_client_visible_timing(stack: Up) -> None:
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    url = ep.url_no_sni.replace("options=endpoint%3D", "options=pgwake_timing%3Don%20endpoint%3D")
+    # The option is the proxy's and is stripped: the compute would refuse an
+    # unknown command-line option, so a working session shows it never saw it.
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        timing = conn.info.parameter_status("pgwake.timing")
+        assert timing is not None and "total=" in timing and "wake_wait=" in timing
+        assert conn.info.parameter_status("pgwake.cold_start") in ("warm", "cached", "resumed")
+        cur = await conn.execute("select 1")
+        assert await cur.fetchone() == (1,)
+
+
+@pytest.fixture
+async def own_stack(pg_bin: Path) -> AsyncIterator[Up]:
+    directory = make_data_dir("pgwake-ready-")
+    up = Up(up_settings(directory, pg_bin))
+    await up.start()
+    yield up
+    await up.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_readyz_follows_the_control_db(own_stack: Up) -> None:
+    assert own_stack.control is not None and own_stack.control.controldb is not None
+    async with httpx.AsyncClient(base_url=own_stack.control.api_url) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {
+            "control_db": True, "proxy_listening": True, "certificates": True
+        }
+        await own_stack.control.controldb.stop()
+        unready = await http.get("/readyz")
+        assert unready.status_code == 503
+        assert unready.json()["checks"]["control_db"] is False
+        assert (await http.get("/healthz")).status_code == 200
+        await own_stack.control.controldb.start()
+        assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_dashboard_uses_only_exported_metrics(stack: Up) -> None:
+    import json
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).parents[2] / "deploy" / "grafana" / "pgwake-dashboard.json").read_text()
+    )
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"pgwake_[a-z_]+", target["expr"])
+    }
+    assert stack.control is not None
+    async with httpx.AsyncClient(base_url=stack.control.api_url) as http:
+        exposition = (await http.get("/metrics")).text
+    exported = {
+        family.name for family in text_string_to_metric_families(exposition)
+    } | {f"{family.name}_total" for family in text_string_to_metric_families(exposition)}
+    assert used <= exported, used - exported
