@@ -6,12 +6,17 @@ import argparse
 import importlib
 import sys
 
-# scenario → module with a `main(argv)`; each writes JSON + PNG under --out and prints a table.
-CONNECT_SCENARIOS = {
-    "warm": "loadtests.connect",
+# connect scenario → (module with `main(argv)`, extra argv). Each writes JSON + PNG
+# under --out and prints a table; --quick makes a short run.
+CONNECT_SCENARIOS: dict[str, tuple[str, list[str]]] = {
+    "warm": ("loadtests.connect", []),
+    "suspended": ("loadtests.wake", ["--only", "suspended"]),
+    "herd": ("loadtests.wake", ["--only", "herd"]),
+    "pool": ("loadtests.create", []),
 }
-COMMANDS = {
-    "throughput": "loadtests.throughput",
+COMMANDS: dict[str, tuple[str, list[str]]] = {
+    "throughput": ("loadtests.throughput", []),
+    "frontdoor": ("loadtests.frontdoor", []),
 }
 
 
@@ -27,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = argparse.ArgumentParser(prog="python -m loadtests connect")
         sub.add_argument("--scenario", choices=sorted(CONNECT_SCENARIOS), required=True)
         chosen, rest = sub.parse_known_args(rest)
-        module = CONNECT_SCENARIOS[chosen.scenario]
+        module, extra = CONNECT_SCENARIOS[chosen.scenario]
     else:
-        module = COMMANDS[args.command]
-    result: int = importlib.import_module(module).main(rest)
+        module, extra = COMMANDS[args.command]
+    result: int = importlib.import_module(module).main([*extra, *rest])
     return result
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from loadtests.stack import BenchStack, raise_fd_limit, running_stack
-from loadtests.stats import print_table, summary, write_result
+from loadtests.stats import plot_cdf, print_table, summary, write_result
 
 
 def free_port() -> int:
@@ -140,8 +140,15 @@ async def herd(stack: BenchStack, redis_url: str, clients: int) -> dict[str, Any
                                        return_exceptions=True)
         times = [r for r in results if isinstance(r, float)]
         wakes = (await stack.client.get_endpoint(ep.id)).wakes - before
+        # The same herd again, now that the endpoint is awake: what the clients, the
+        # proxies and the per-endpoint cap cost without any wake in the way.
+        warm_results = await asyncio.gather(*(one(ports[i % 2]) for i in range(clients)),
+                                            return_exceptions=True)
+        warm_times = [r for r in warm_results if isinstance(r, float)]
         return {"clients": clients, "errors": len(results) - len(times), "wakes": wakes,
-                "stats": summary(times), "samples_ms": times}
+                "stats": summary(times), "samples_ms": times,
+                "warm_stats": summary(warm_times), "warm_samples_ms": warm_times,
+                "warm_errors": len(warm_results) - len(warm_times)}
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -149,13 +156,17 @@ async def herd(stack: BenchStack, redis_url: str, clients: int) -> dict[str, Any
                 await asyncio.wait_for(proc.wait(), 60)
 
 
-async def run(cycles: int, clients: int) -> dict[str, Any]:
+async def run(cycles: int, clients: int, only: str = "both") -> dict[str, Any]:
     raise_fd_limit()
     redis, url = await start_redis()
+    cold_result: dict[str, Any] | None = None
+    herd_result: dict[str, Any] | None = None
     try:
         async with running_stack("--redis", url) as stack:
-            cold_result = await cold(stack, cycles)
-            herd_result = await herd(stack, url, clients)
+            if only in ("both", "suspended"):
+                cold_result = await cold(stack, cycles)
+            if only in ("both", "herd"):
+                herd_result = await herd(stack, url, clients)
     finally:
         redis.terminate()
         with contextlib.suppress(TimeoutError):
@@ -169,18 +180,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
     parser.add_argument("--quick", action="store_true", help="10 cycles, 100 clients")
+    parser.add_argument("--only", choices=["both", "suspended", "herd"], default="both")
     args = parser.parse_args(argv)
     cycles, clients = (10, 100) if args.quick else (args.cycles, args.clients)
-    result = asyncio.run(run(cycles, clients))
-    path = write_result(args.out, "wake", result)
-    rows = [{"path": k, **v} for k, v in result["cold"]["stats"].items()]
-    print_table(f"suspended → connect → first row, {cycles} cycles (ms)", rows,
-                ["path", "n", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+    result = asyncio.run(run(cycles, clients, args.only))
+    name = "wake" if args.only == "both" else f"connect-{args.only}"
+    path = write_result(args.out, name, result)
+    series: dict[str, list[float]] = {}
+    if result["cold"] is not None:
+        rows = [{"path": k, **v} for k, v in result["cold"]["stats"].items()]
+        print_table(f"suspended → connect → first row, {cycles} cycles (ms)", rows,
+                    ["path", "n", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+        series.update(result["cold"].get("samples_ms", {}))
     herd_result = result["herd"]
-    print_table(f"herd: {clients} clients, 2 proxy processes, shared Redis (ms)",
-                [{"errors": herd_result["errors"], "wakes": herd_result["wakes"],
-                  **herd_result["stats"]}],
-                ["n", "errors", "wakes", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+    if herd_result is not None:
+        print_table(f"herd: {clients} clients, 2 proxy processes, shared Redis (ms)",
+                    [{"errors": herd_result["errors"], "wakes": herd_result["wakes"],
+                      **herd_result["stats"]}],
+                    ["n", "errors", "wakes", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+        print_table("same herd, endpoint already awake (ms)",
+                    [{"errors": herd_result["warm_errors"], **herd_result["warm_stats"]}],
+                    ["n", "errors", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+        series[f"herd, {clients} clients"] = herd_result["samples_ms"]
+        series["herd again, awake"] = herd_result["warm_samples_ms"]
+    plot_cdf(args.out / f"{name}.png", "Connect + first row to a suspended endpoint", series)
     print("\nbudgets: suspended p50 ≤ 50 ms, p99 ≤ 120 ms; herd p99 ≤ 1000 ms, 1 wake, 0 errors")
     print(f"results: {path}")
     return 0

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from pgwake import datadir
-from wakeup.api import ControlAPIError, ControlClient, Endpoint
+from wakeup.api import ControlAPIError, ControlClient, Endpoint, Pool
 
 app = typer.Typer(
     help="pgwake: a serverless front door for PostgreSQL.",
@@ -238,17 +238,66 @@ def endpoint_delete(endpoint_id: str, data_dir: DataDir = None) -> None:
 
 
 @app.command()
-def status(as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
-    """Endpoints at a glance."""
-    endpoints = _call(data_dir, lambda c: c.list_endpoints())
+def status(
+    as_json: JsonFlag = False,
+    watch: Annotated[float | None, typer.Option("--watch", help="Refresh every N seconds until Ctrl-C")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Endpoints (state, generation, connections, last activity, address) and the warm pool."""
+
+    async def snapshot(client: ControlClient) -> tuple[list[Endpoint], Pool]:
+        return await client.list_endpoints(), await client.pool()
+
     if as_json:
-        _print_json({"endpoints": [e.model_dump(mode="json") for e in endpoints]})
+        endpoints, pool = _call(data_dir, snapshot)
+        _print_json({"endpoints": [e.model_dump(mode="json") for e in endpoints],
+                     "pool": pool.model_dump(mode="json")})
         return
-    console.print(_endpoint_table(endpoints))
+    if watch is None:
+        console.print(_status_view(*_call(data_dir, snapshot)))
+        return
+    if watch <= 0:
+        raise typer.BadParameter("--watch takes a positive number of seconds")
+
+    async def live() -> None:
+        from rich.live import Live
+
+        async with _client(data_dir) as client:
+            with Live(_status_view(*await snapshot(client)), console=console) as screen:
+                while True:
+                    await asyncio.sleep(watch)
+                    screen.update(_status_view(*await snapshot(client)))
+
+    try:
+        _run(live())
+    except KeyboardInterrupt:
+        pass
+    except ControlAPIError as exc:
+        console.print(f"[red]error:[/] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+def _status_view(endpoints: list[Endpoint], pool: Pool) -> Group:
+    table = Table("id", "name", "tier", "state", "gen", "wakes", "conns", "last active",
+                  "compute", title="endpoints")
+    for e in endpoints:
+        table.add_row(e.id, e.name, e.tier, e.state, str(e.generation), str(e.wakes),
+                      str(e.connections), e.last_active.strftime("%H:%M:%S"), e.address or "-")
+    pool_table = Table("tier", "size", "ready", "target", title="warm pool")
+    for c in pool.classes:
+        pool_table.add_row(c.tier, c.size_class, str(c.ready), str(c.target))
     states: dict[str, int] = {}
     for e in endpoints:
         states[e.state] = states.get(e.state, 0) + 1
-    console.print(", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no endpoints")
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no endpoints"
+    pool_line = (f"pool: {pool.hits} hits, {pool.misses} misses, {pool.filled} filled, "
+                 f"{pool.recycled} recycled, {pool.died} died")
+    parts: list[Table | str] = [table, summary]
+    if pool.classes:
+        parts += [pool_table, pool_line]
+    else:
+        parts.append("warm pool: off (pgwake up --pool-size N)")
+    return Group(*parts)
 
 
 @certs_app.command("dev")

@@ -49,7 +49,7 @@ class ProxyServer:
             server_tls=server_tls,
             wake=WakeClient(control, self.shared, settings),
             roles=RoleCache(control, settings.role_cache_ttl),
-            cancels=CancelMap(),
+            cancels=CancelMap(self.shared),
             mock_key=mock_key_from(os.urandom(32)),
             metrics=metrics or ProxyMetrics(CollectorRegistry()),
             connection_log=connection_log or ConnectionLog(),

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from proxy.pgwire import messages
+from proxy.shared import SharedCancel, SharedState
 from wakeup.api import ComputeAddress
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,22 @@ class ProxyKey:
     secret: bytes
 
 
-class CancelMap:
-    """Proxy key → compute key. In-process; shared through Redis in multi-replica setups."""
+# A session's key lives in shared state this long at most (released at its end).
+CANCEL_KEY_TTL = 7 * 24 * 3600.0
 
-    def __init__(self) -> None:
+
+class CancelMap:
+    """Proxy key → compute key: this replica's sessions in memory, and every
+    replica's in the shared state, so a CancelRequest may reach any proxy."""
+
+    def __init__(self, shared: SharedState | None = None) -> None:
         self._targets: dict[int, tuple[bytes, CancelTarget]] = {}
+        self._shared = shared
 
     def __len__(self) -> int:
         return len(self._targets)
 
-    def issue(self, target: CancelTarget, *, long_secret: bool) -> ProxyKey:
+    async def issue(self, target: CancelTarget, *, long_secret: bool) -> ProxyKey:
         """A fresh key for a session. Protocol 3.2 clients accept 32-byte secrets."""
         while True:
             pid = secrets.randbelow(2**31 - 1) + 1
@@ -47,16 +54,28 @@ class CancelMap:
                 break
         secret = secrets.token_bytes(32 if long_secret else 4)
         self._targets[pid] = (secret, target)
+        if self._shared is not None:
+            await self._shared.put_cancel(
+                pid, SharedCancel(target.address, target.pid, target.secret, secret),
+                CANCEL_KEY_TTL,
+            )
         return ProxyKey(pid, secret)
 
-    def release(self, key: ProxyKey) -> None:
+    async def release(self, key: ProxyKey) -> None:
         self._targets.pop(key.pid, None)
+        if self._shared is not None:
+            await self._shared.drop_cancel(key.pid)
 
-    def lookup(self, pid: int, secret: bytes) -> CancelTarget | None:
+    async def lookup(self, pid: int, secret: bytes) -> CancelTarget | None:
         entry = self._targets.get(pid)
-        if entry is None or not hmac.compare_digest(entry[0], secret):
+        if entry is not None:
+            return entry[1] if hmac.compare_digest(entry[0], secret) else None
+        if self._shared is None:
             return None
-        return entry[1]
+        remote = await self._shared.get_cancel(pid)
+        if remote is None or not hmac.compare_digest(remote.proxy_secret, secret):
+            return None
+        return CancelTarget(remote.address, remote.pid, remote.secret)
 
 
 async def send_cancel(target: CancelTarget) -> None:

@@ -218,7 +218,7 @@ class Session:
         )
         self.log.startup_s = time.perf_counter() - self.started
         if hello.cancel is not None:
-            target = self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
+            target = await self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
             if target is not None:
                 await send_cancel(target)
             return None
@@ -406,7 +406,7 @@ class Session:
         for message in compute.notices:
             stream.write(message)
         target = CancelTarget(compute.address, compute.backend_pid, compute.backend_secret)
-        key = self.state.cancels.issue(target, long_secret=minor >= 2)
+        key = await self.state.cancels.issue(target, long_secret=minor >= 2)
         stream.write(messages.backend_key_data(key.pid, key.secret))
         if self.want_timing:
             self._send_timing(stream)
@@ -426,7 +426,7 @@ class Session:
                 self.state.metrics.connections_active.dec()
         finally:
             self.state.splices.discard(splice)
-            self.state.cancels.release(key)
+            await self.state.cancels.release(key)
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
         self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)

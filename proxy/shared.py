@@ -40,6 +40,7 @@ class SharedCancel:
     address: ComputeAddress
     pid: int
     secret: bytes
+    proxy_secret: bytes = b""  # the key the client holds; checked by the replica it reaches
 
 
 class SharedState(Protocol):
@@ -368,7 +369,8 @@ class RedisShared:
     async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
         await self.local.put_cancel(pid, target, ttl)
         body = json.dumps({"address": str(target.address), "pid": target.pid,
-                           "secret": target.secret.hex()})
+                           "secret": target.secret.hex(),
+                           "proxy_secret": target.proxy_secret.hex()})
         await self._call("cancel-set", lambda: self._redis.set(
             f"{KEY_PREFIX}cancel:{pid}", body, px=max(1, int(ttl * 1000))))
 
@@ -383,7 +385,8 @@ class RedisShared:
         try:
             data = json.loads(raw)
             return SharedCancel(ComputeAddress.parse(data["address"]), int(data["pid"]),
-                                bytes.fromhex(data["secret"]))
+                                bytes.fromhex(data["secret"]),
+                                bytes.fromhex(data.get("proxy_secret", "")))
         except (ValueError, KeyError, TypeError):
             return None
 

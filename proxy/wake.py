@@ -77,7 +77,7 @@ class WakeClient:
                 self._wake(endpoint_id, deadline), name=f"wake:{endpoint_id}"
             )
             self._inflight[endpoint_id] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(endpoint_id, None))
+            task.add_done_callback(lambda t: self._wake_done(endpoint_id, t))
         try:
             # Shielded: one client giving up must not cancel the wake others wait on.
             async with asyncio.timeout(timeout):
@@ -88,6 +88,13 @@ class WakeClient:
                 f'endpoint "{endpoint_id}" did not wake within {timeout:g} s',
                 hint="The database is starting; retry the connection.",
             ) from None
+
+    def _wake_done(self, endpoint_id: str, task: asyncio.Task[Woken]) -> None:
+        self._inflight.pop(endpoint_id, None)
+        # Every waiter may have given up (deadline, client gone): read the outcome
+        # here so a failed wake is not reported as "exception never retrieved".
+        if not task.cancelled():
+            task.exception()
 
     async def _wake(self, endpoint_id: str, deadline: float) -> Woken:
         loop = asyncio.get_running_loop()

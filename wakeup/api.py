@@ -64,6 +64,23 @@ class Endpoint(BaseModel):
     expires_at: dt.datetime | None
     url: str
     url_no_sni: str
+    connections: int = 0  # live client sessions, summed over the proxies' reports
+
+
+class PoolClass(BaseModel):
+    tier: TierName
+    size_class: str
+    ready: int
+    target: int
+
+
+class Pool(BaseModel):
+    classes: list[PoolClass]
+    hits: int
+    misses: int
+    filled: int
+    recycled: int
+    died: int
 
 
 class CreateEndpoint(BaseModel):
@@ -178,6 +195,9 @@ class ControlClient:
 
     async def list_endpoints(self) -> list[Endpoint]:
         return [Endpoint.model_validate(e) for e in await self._call("GET", "/endpoints")]
+
+    async def pool(self) -> Pool:
+        return Pool.model_validate(await self._call("GET", "/pool"))
 
     async def get_endpoint(self, endpoint_id: str) -> Endpoint:
         return Endpoint.model_validate(await self._call("GET", f"/endpoints/{endpoint_id}"))

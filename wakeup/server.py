@@ -16,6 +16,8 @@ from wakeup.api import (
     CreatedEndpoint,
     CreateEndpoint,
     Endpoint,
+    Pool,
+    PoolClass,
     Role,
     SetPassword,
     Wake,
@@ -36,7 +38,7 @@ class APIProblem(Exception):
         self.message = message
 
 
-def _endpoint_out(ep: EndpointRow, public: PublicAddress) -> Endpoint:
+def _endpoint_out(ep: EndpointRow, public: PublicAddress, connections: int = 0) -> Endpoint:
     return Endpoint(
         id=ep.id,
         name=ep.name,
@@ -54,6 +56,7 @@ def _endpoint_out(ep: EndpointRow, public: PublicAddress) -> Endpoint:
         expires_at=ep.expires_at,
         url=public.url(ep.id, ep.owner_role, None, ep.database),
         url_no_sni=public.url_no_sni(ep.id, ep.owner_role, None, ep.database),
+        connections=connections,
     )
 
 
@@ -123,11 +126,15 @@ def create_app(
 
     @app.get(v1 + "/endpoints", dependencies=auth)
     async def list_endpoints() -> list[Endpoint]:
-        return [_endpoint_out(ep, public) for ep in await control.list()]
+        return [
+            _endpoint_out(ep, public, control.reported_connections(ep.id))
+            for ep in await control.list()
+        ]
 
     @app.get(v1 + "/endpoints/{endpoint_id}", dependencies=auth)
     async def get_endpoint(endpoint_id: str) -> Endpoint:
-        return _endpoint_out(await control.get(checked_id(endpoint_id)), public)
+        ep = await control.get(checked_id(endpoint_id))
+        return _endpoint_out(ep, public, control.reported_connections(ep.id))
 
     @app.delete(v1 + "/endpoints/{endpoint_id}", dependencies=auth, status_code=204)
     async def delete_endpoint(endpoint_id: str) -> Response:
@@ -169,6 +176,29 @@ def create_app(
     async def activity(body: Activity) -> Response:
         control.record_activity(body.proxy_id, body.connections, body.ttl)
         return Response(status_code=204)
+
+    @app.get(v1 + "/pool", dependencies=auth)
+    async def pool() -> Pool:
+        manager = control.pool
+        if manager is None:
+            return Pool(classes=[], hits=0, misses=0, filled=0, recycled=0, died=0)
+        stats = manager.stats
+        return Pool(
+            classes=[
+                PoolClass(
+                    tier=key.tier.value,
+                    size_class=key.size_class,
+                    ready=manager.ready_count(key),
+                    target=target,
+                )
+                for key, target in manager.settings.sizes.items()
+            ],
+            hits=stats.hits,
+            misses=stats.misses,
+            filled=stats.filled,
+            recycled=stats.recycled,
+            died=stats.died,
+        )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

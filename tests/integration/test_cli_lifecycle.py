@@ -103,6 +103,12 @@ async def test_user_story_with_cli_and_restart(data_dir_kept: Path, pg_bin: Path
         assert shown["state"] == "suspended" and shown["generation"] == 1 and shown["wakes"] == 1
 
         assert await psql(created["url"], "select sum(v) from kv") == "3"
+        status = json.loads(await up.cli("status", "--json"))
+        (mine,) = [e for e in status["endpoints"] if e["id"] == created["id"]]
+        assert mine["state"] == "active" and "connections" in mine
+        assert status["pool"]["classes"] == []
+        table = await up.cli("status")
+        assert created["id"] in table and "warm pool: off" in table
         shown = json.loads(await up.cli("endpoint", "show", created["id"], "--json"))
         assert shown["state"] == "active" and shown["wakes"] == 2
     finally:

@@ -46,3 +46,21 @@ async def test_throughput_quick(tmp_path: Path) -> None:
     assert all(tps > 0 for tps in result["tps_median"].values())
     assert (tmp_path / "throughput.png").read_bytes().startswith(PNG_MAGIC)
     assert "PgBouncer TLS" in out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("scenario", "result_file"),
+    [("suspended", "connect-suspended"), ("herd", "connect-herd"), ("pool", "create")],
+)
+async def test_connect_scenarios_quick(tmp_path: Path, scenario: str, result_file: str) -> None:
+    await harness(tmp_path, "connect", "--scenario", scenario)
+    result = json.loads((tmp_path / f"{result_file}.json").read_text())
+    assert result["machine"]["cpus"] >= 1
+    if scenario == "suspended":
+        assert result["cold"]["stats"]
+    if scenario == "herd":
+        assert result["herd"]["errors"] == 0 and result["herd"]["wakes"] == 1
+    if scenario == "pool":
+        assert result["cold_start"]["warm_pool"] == {"pool_hit": 10}
+    assert (tmp_path / f"{result_file}.png").read_bytes().startswith(PNG_MAGIC)

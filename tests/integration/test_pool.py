@@ -84,6 +84,12 @@ async def test_pool_hit_works_and_the_pool_refills(pool_stack: Up) -> None:
         assert await cur.fetchone() == (1,)
     await full(pool)
     assert row.compute_id not in pool.ready
+    # What `pgwake status` shows: the pool back at its target, the hit counted.
+    answer = await client.pool()
+    assert [(c.tier, c.ready, c.target) for c in answer.classes] == [
+        ("durable", POOL_SIZE, POOL_SIZE)
+    ]
+    assert answer.hits == pool.stats.hits
 
 
 async def test_burst_of_creates_claims_each_compute_once(pool_stack: Up) -> None:

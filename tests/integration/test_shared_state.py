@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -430,3 +431,34 @@ async def test_cache_expiry_for_many_endpoints_is_paced(rstack: Up) -> None:
     finally:
         await proxy.drain(timeout=2.0)
         await control.aclose()
+
+
+async def test_cancel_request_reaches_any_replica(rstack: Up) -> None:
+    """The client's session is on proxy A; its CancelRequest lands on proxy B."""
+    assert rstack.client is not None
+    ep = await rstack.client.create_endpoint()
+    proc, other_port = await start_proxy_process(rstack, rstack.settings.redis_url or "")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=rstack.proxy_port, user=ep.user, password=ep.password,
+        database=ep.database, ssl=ctx, server_settings={"options": f"endpoint={ep.id}"},
+    )
+    try:
+        # The proxy key the client was given (asyncpg keeps it on its protocol object).
+        pid = conn._protocol.backend_pid
+        secret = conn._protocol.backend_secret
+        query = asyncio.create_task(conn.execute("select pg_sleep(30)"))
+        await asyncio.sleep(0.2)  # let the query reach the compute
+        started = time.perf_counter()
+        _, writer = await asyncio.open_connection("127.0.0.1", other_port)
+        writer.write(struct.pack("!iiii", 16, 80877102, pid, secret))
+        await writer.drain()
+        writer.close()
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await asyncio.wait_for(query, 10)
+        assert time.perf_counter() - started < 5
+    finally:
+        await conn.close()
+        await stop_process(proc)
