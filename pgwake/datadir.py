@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tls.certs import CertPair
 from tls.devca import ensure_dev_ca, ensure_server_certificate
+from wakeup.provisioners.local import LocalSettings
 
 STATE_FILE = "pgwake.json"
 API_KEY_FILE = "api_key"
@@ -42,6 +44,32 @@ def api_key(data_dir: Path, given: str | None) -> tuple[str, Path | None]:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key, path
+
+
+def ephemeral_root(data_dir: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        # Memory-backed, like a Kubernetes emptyDir with medium: Memory.
+        digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        return shm / f"pgwake-{digest}"
+    return data_dir / "ephemeral"
+
+
+def local_settings(
+    data_dir: Path,
+    pg_bin: Path | None,
+    run_as: str | None,
+    port_range: tuple[int, int],
+    ephemeral_dir: Path | None = None,
+) -> LocalSettings:
+    """Where the local provisioner keeps computes, for `pgwake up` and `pgwake control`."""
+    return LocalSettings(
+        root=data_dir / "computes",
+        ephemeral_root=ephemeral_dir or ephemeral_root(data_dir),
+        pg_bin=pg_bin,
+        run_as=run_as,
+        port_range=port_range,
+    )
 
 
 @dataclass(frozen=True)

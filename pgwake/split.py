@@ -17,7 +17,6 @@ from tls.certs import CertPair
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
-from wakeup.provisioners.local import LocalSettings
 from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
 from wakeup.urls import PublicAddress
 
@@ -101,6 +100,7 @@ class ControlRunSettings:
     idle_timeout: float = 300.0
     api_key: str | None = None
     pg_bin: Path | None = None
+    run_as: str | None = None
     port_range: tuple[int, int] = (54400, 55399)
     redis_url: str | None = None
     control_db_url: str | None = None
@@ -121,12 +121,7 @@ async def run_control(s: ControlRunSettings) -> None:
             api_port=s.api[1],
             api_key=key,
             public=public,
-            local=LocalSettings(
-                root=s.data_dir / "computes",
-                ephemeral_root=s.data_dir / "ephemeral",
-                pg_bin=s.pg_bin,
-                port_range=s.port_range,
-            ),
+            local=datadir.local_settings(s.data_dir, s.pg_bin, s.run_as, s.port_range),
             control=ControlSettings(idle_timeout=s.idle_timeout),
             control_db_url=s.control_db_url,
             redis_url=s.redis_url,

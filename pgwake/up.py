@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import signal
@@ -22,7 +21,6 @@ from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
-from wakeup.provisioners.local import LocalSettings
 from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
 from wakeup.urls import PublicAddress
 
@@ -83,7 +81,6 @@ class Up:
             port=proxy_port,
             ca_file=self.certs.ca.cert,
         )
-        ephemeral_root = s.ephemeral_dir or _ephemeral_root(s.data_dir)
         self.control = ControlService(
             ControlServiceSettings(
                 data_dir=s.data_dir,
@@ -91,12 +88,8 @@ class Up:
                 api_port=s.api[1],
                 api_key=key,
                 public=public,
-                local=LocalSettings(
-                    root=s.data_dir / "computes",
-                    ephemeral_root=ephemeral_root,
-                    pg_bin=s.pg_bin,
-                    run_as=s.run_as,
-                    port_range=s.port_range,
+                local=datadir.local_settings(
+                    s.data_dir, s.pg_bin, s.run_as, s.port_range, s.ephemeral_dir
                 ),
                 control=ControlSettings(
                     idle_timeout=s.idle_timeout, ephemeral_ttl=s.ephemeral_ttl
@@ -164,15 +157,6 @@ class Up:
         if self.client is not None:
             await self.client.aclose()
         (self.settings.data_dir / datadir.STATE_FILE).unlink(missing_ok=True)
-
-
-def _ephemeral_root(data_dir: Path) -> Path:
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        # Memory-backed, like a Kubernetes emptyDir with medium: Memory.
-        digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
-        return shm / f"pgwake-{digest}"
-    return data_dir / "ephemeral"
 
 
 async def run_forever(up: Up, banner: bool = True) -> None:

@@ -412,7 +412,15 @@ class Session:
             self._send_timing(stream)
         stream.write(messages.ready_for_query(b"I"))
         assert stream.transport is not None
-        splice = Splice(stream.transport, compute.transport)
+        splice = Splice(
+            stream.transport,
+            compute.transport,
+            compute_lost_error=messages.error_response(
+                "08006",
+                f'lost the connection to the compute of endpoint "{self.log.endpoint}"',
+                hint="The database restarted or crashed; reconnect to wake it again.",
+            ),
+        )
         self.state.splices.add(splice)
         try:
             splice.start(

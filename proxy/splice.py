@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TERMINATE = b"X\x00\x00\x00\x04"
+READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"  # + one status byte
 # Transport write-buffer limits: enough to keep a TLS record pipeline busy,
 # small enough that 10 000 idle sessions cost little.
 HIGH_WATER = 256 * 1024
@@ -53,6 +54,10 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         assert self.peer is not None
+        if self.name == "compute":
+            # A compute never half-closes a healthy session: it went away.
+            self.splice.finish(self.name)
+            return False
         if self.tls:
             # TLS has no half-close (close_notify ends the session); end both sides.
             self.splice.finish(self.name)
@@ -85,9 +90,13 @@ class Splice:
         self,
         client: asyncio.Transport,
         compute: asyncio.Transport,
+        compute_lost_error: bytes = b"",
     ):
         self.client = client
         self.compute = compute
+        # Sent to the client when the compute vanishes between messages (a crash,
+        # a kill): a clean SQLSTATE instead of a bare "connection closed".
+        self.compute_lost_error = compute_lost_error
         self._client_side = _Side(self, "client", _is_tls(client))
         self._compute_side = _Side(self, "compute", _is_tls(compute))
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -114,6 +123,17 @@ class Splice:
     def finish(self, closed_by: str) -> None:
         if not self._done.done():
             self._done.set_result(closed_by)
+            # Only at a message boundary: the compute's last bytes were a whole
+            # ReadyForQuery, so an ErrorResponse cannot land inside another message.
+            # (A healthy compute that ends a session sends its own FATAL first.)
+            last = self._compute_side.last
+            if (
+                closed_by == "compute"
+                and self.compute_lost_error
+                and last[-6:-1] == READY_FOR_QUERY_HEAD
+                and not self.client.is_closing()
+            ):
+                self.client.write(self.compute_lost_error)
         self.client.close()
         self.compute.close()
 

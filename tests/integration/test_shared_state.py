@@ -256,10 +256,13 @@ async def test_sigkilled_compute_under_cached_address(rstack: Up) -> None:
         pgdata = provisioner.compute_dir(row.compute_id, Tier.DURABLE) / "pgdata"
         pidfile = pgdata / "postmaster.pid"
         kill_process_tree(int(pidfile.read_text().split()[0]))
-        # The session in flight fails cleanly and promptly.
-        with pytest.raises(psycopg.OperationalError):
+        # The session in flight fails cleanly and promptly, with a SQLSTATE.
+        with pytest.raises(psycopg.OperationalError) as info:
             async with asyncio.timeout(10):
                 await inflight.execute("select 1")
+        # 57P01 when the dying backend says so itself, 08006 from the proxy when
+        # it was killed before it could: never a bare "connection closed".
+        assert info.value.sqlstate in ("57P01", "08006"), repr(info.value)
     finally:
         await inflight.close()
     before = (await rstack.client.get_endpoint(ep.id)).wakes
