@@ -344,6 +344,8 @@ def proxy_command(
     address_cache_ttl: Annotated[float, typer.Option(envvar="PGWAKE_ADDRESS_CACHE_TTL", help="Seconds a compute address is cached")] = 60.0,
     allow_plaintext: Annotated[bool, typer.Option(envvar="PGWAKE_ALLOW_PLAINTEXT", help="Accept unencrypted clients")] = False,
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+    log_format: Annotated[str, typer.Option(envvar="PGWAKE_LOG_FORMAT", help="Connection log lines: text | json")] = "text",
+    metrics: Annotated[str | None, typer.Option(envvar="PGWAKE_METRICS", help="Serve Prometheus /metrics on HOST:PORT")] = None,
 ) -> None:
     """Run only the proxy, against a control API elsewhere (state shared through --redis)."""
     from pgwake.split import proxy_run_settings, run_proxy
@@ -360,6 +362,8 @@ def proxy_command(
             ),
             control_url=control_url, data_dir=data_dir, tls_cert=tls_cert, tls_key=tls_key,
             api_key=api_key,
+            metrics=_hostport(metrics, "--metrics") if metrics else None,
+            log_format=log_format,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

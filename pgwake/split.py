@@ -10,8 +10,12 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from pgwake import datadir
 from proxy.app import ProxyServer
+from proxy.connlog import ConnectionLog
+from proxy.metrics import ProxyMetrics, serve_metrics
 from proxy.settings import ProxySettings
 from tls.certs import CertPair
 from tls.context import ServerTLS
@@ -37,6 +41,8 @@ class ProxyRunSettings:
     control_url: str
     api_key: str
     tls: CertPair | None
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus /metrics
+    log_format: str = "text"
 
 
 def proxy_run_settings(
@@ -47,6 +53,8 @@ def proxy_run_settings(
     tls_cert: Path | None,
     tls_key: Path | None,
     api_key: str | None,
+    metrics: tuple[str, int] | None = None,
+    log_format: str = "text",
 ) -> ProxyRunSettings:
     """Where the proxy's certificate, API key and control API come from.
 
@@ -72,7 +80,7 @@ def proxy_run_settings(
         raise ValueError("no API key: set PGWAKE_API_KEY (or give --data-dir)")
     if pair is None and not proxy.allow_plaintext:
         raise ValueError("no certificate: give --tls-cert and --tls-key (or --data-dir)")
-    return ProxyRunSettings(proxy, control_url, api_key, pair)
+    return ProxyRunSettings(proxy, control_url, api_key, pair, metrics, log_format)
 
 
 async def run_proxy(settings: ProxyRunSettings) -> None:
@@ -81,14 +89,26 @@ async def run_proxy(settings: ProxyRunSettings) -> None:
     server_tls = (
         await asyncio.to_thread(ServerTLS.load, [settings.tls]) if settings.tls else None
     )
+    registry = CollectorRegistry()
     async with ControlClient(settings.control_url, settings.api_key) as control:
-        proxy = ProxyServer(settings.proxy, control=control, server_tls=server_tls)
+        proxy = ProxyServer(
+            settings.proxy, control=control, server_tls=server_tls,
+            metrics=ProxyMetrics(registry), connection_log=ConnectionLog(settings.log_format),
+        )
         await proxy.start()
-        # One parseable line: tests and scripts binding port 0 read the port from it.
+        metrics_server = None
+        if settings.metrics is not None:
+            metrics_server = await serve_metrics(registry, *settings.metrics)
+        # Parseable lines: tests and scripts binding port 0 read the ports from them.
         print(f"pgwake proxy listening on {settings.proxy.listen_host}:{proxy.port}", flush=True)
+        if metrics_server is not None:
+            bound = metrics_server.sockets[0].getsockname()
+            print(f"pgwake proxy metrics on http://{bound[0]}:{bound[1]}/metrics", flush=True)
         try:
             await stop.wait()
         finally:
+            if metrics_server is not None:
+                metrics_server.close()
             await proxy.drain()
 
 

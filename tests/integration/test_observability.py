@@ -145,3 +145,38 @@ async def test_dashboard_uses_only_exported_metrics(stack: Up) -> None:
         family.name for family in text_string_to_metric_families(exposition)
     } | {f"{family.name}_total" for family in text_string_to_metric_families(exposition)}
     assert used <= exported, used - exported
+
+
+async def test_pgwake_proxy_serves_its_own_metrics(stack: Up) -> None:
+    import asyncio
+    import signal
+    import sys
+
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pgwake")), "proxy", "--listen", "127.0.0.1:0",
+        "--data-dir", str(stack.settings.data_dir), "--metrics", "127.0.0.1:0",
+        "--log-level", "warning",
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            listening = (await proc.stdout.readline()).decode()
+            metrics_line = (await proc.stdout.readline()).decode()
+        port = int(listening.rsplit(":", 1)[1])
+        metrics_url = metrics_line.split(" on ", 1)[1].strip()
+        conninfo = ep.url_no_sni.replace(f":{stack.proxy_port}/", f":{port}/")
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            await conn.execute("select 1")
+        async with httpx.AsyncClient() as http:
+            response = await http.get(metrics_url)
+        assert response.status_code == 200
+        data = samples(response.text)
+        assert value(data, "pgwake_connect_latency_seconds_count",
+                     cold_start="warm", outcome="ok", excluded="none") == 1
+        assert value(data, "pgwake_connections_active") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
