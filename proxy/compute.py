@@ -71,20 +71,43 @@ async def login(
     login_timeout: float,
 ) -> ComputeSession:
     """Log in and read up to ReadyForQuery; the session is then ready to splice."""
+    session = await open_session(address, params, connect_timeout=connect_timeout)
+    return await finish_login(
+        session, user=user, client_key=client_key, server_key=server_key,
+        login_timeout=login_timeout,
+    )
+
+
+async def open_session(
+    address: ComputeAddress, params: Mapping[str, str], *, connect_timeout: float
+) -> ComputeSession:
+    """Connect and send the StartupMessage. Needs no credentials, so it can run while
+    the client is still authenticating: the compute forks its backend meanwhile."""
     transport, stream = await connect_tcp(address, connect_timeout)
-    session = ComputeSession(stream, transport, address)
+    stream.write(messages.startup_message(params))
+    return ComputeSession(stream, transport, address)
+
+
+async def finish_login(
+    session: ComputeSession,
+    *,
+    user: str,
+    client_key: bytes,
+    server_key: bytes,
+    login_timeout: float,
+) -> ComputeSession:
+    """SCRAM with the ClientKey, then read up to ReadyForQuery."""
     try:
         async with asyncio.timeout(login_timeout):
-            await _login(session, params, user, client_key, server_key)
+            await _login(session, user, client_key, server_key)
     except BaseException:
-        transport.abort()
+        session.transport.abort()
         raise
     return session
 
 
 async def _login(
     session: ComputeSession,
-    params: Mapping[str, str],
     user: str,
     client_key: bytes,
     server_key: bytes,
@@ -102,7 +125,6 @@ async def _login(
             except PeerClosed as exc:
                 raise ComputeUnreachable("compute closed the connection during login") from exc
 
-    stream.write(messages.startup_message(params))
     scram: ScramClient | None = None
     try:
         while True:

@@ -73,6 +73,15 @@ class ConnectionGuards:
             if not queue:
                 self._queues.pop(endpoint_id, None)
 
+    def try_acquire(self, endpoint_id: str) -> bool:
+        """Take a slot only if one is free right now (no queue): for work done early."""
+        if self._live.get(endpoint_id, 0) < self.endpoint_cap and not self._queues.get(
+            endpoint_id
+        ):
+            self._take(endpoint_id)
+            return True
+        return False
+
     def _take(self, endpoint_id: str) -> None:
         count = self._live.get(endpoint_id, 0)
         self._live[endpoint_id] = count + 1

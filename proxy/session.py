@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
-from proxy.compute import ComputeRejected, ComputeSession, ComputeUnreachable, login
+from proxy.compute import (
+    ComputeRejected,
+    ComputeSession,
+    ComputeUnreachable,
+    finish_login,
+    login,
+    open_session,
+)
 from proxy.connlog import ConnectionLog
 from proxy.errors import ClientError, Kind
 from proxy.guards import ConnectionGuards
@@ -267,8 +274,12 @@ class Session:
         # Step 4 (with 5 overlapped): the wake starts first, so that on a fresh
         # endpoint it and the verifier's fetch are concurrent control API calls.
         wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+        early: asyncio.Task[ComputeSession | None] | None = None
+        compute: ComputeSession | None = None
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
+            if role.secret is not None and password_form is None:
+                early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
             auth_started = time.perf_counter()
             try:
                 if password_form is not None:
@@ -298,9 +309,16 @@ class Session:
             # Steps 6–7: address (cached or woken) and compute login, with one retry
             # through a fresh wake when a cached address turns out stale.
             compute = await self._connect_compute(
-                wake, endpoint, compute_params, user, client_key, role.secret.server_key
+                wake, endpoint, compute_params, user, client_key, role.secret.server_key,
+                early,
             )
         finally:
+            if early is not None:
+                early.cancel()
+                if early.done() and not early.cancelled() and early.exception() is None:
+                    opened = early.result()
+                    if opened is not None and opened is not compute:
+                        opened.transport.abort()  # auth failed: the early login is unused
             wake.cancel()
             if wake.done() and not wake.cancelled():
                 wake.exception()  # retrieved: after a failed lookup or auth it is no news
@@ -344,28 +362,45 @@ class Session:
         user: str,
         client_key: bytes,
         server_key: bytes,
+        early: asyncio.Task[ComputeSession | None] | None = None,
     ) -> ComputeSession:
         stream = self._stream_box[0]
         waited = time.perf_counter()
         # A session slot under the endpoint's cap (queueing, then 53300), held to the end.
-        await self.state.guards.acquire(endpoint)
-        self._slot = endpoint
+        if self._slot is None:
+            await self.state.guards.acquire(endpoint)
+            self._slot = endpoint
         woken = await self._await_wake(wake, endpoint, stream)
         self.log.wake_wait_s = time.perf_counter() - waited
+        opened: ComputeSession | None = None
+        if early is not None:
+            with contextlib.suppress(ComputeUnreachable, ClientError):
+                opened = await early  # an early failure is retried below, as usual
         for attempt in range(4):
             self.log.cold_start = woken.cold_start
             try:
                 login_started = time.perf_counter()
                 async with self.state.guards.connecting(woken.address):
-                    session = await login(
-                        woken.address,
-                        params,
-                        user=user,
-                        client_key=client_key,
-                        server_key=server_key,
-                        connect_timeout=self.settings.compute_connect_timeout * (attempt + 1),
-                        login_timeout=self.settings.compute_login_timeout,
-                    )
+                    if opened is not None and opened.address == woken.address:
+                        session, opened = opened, None
+                        session = await finish_login(
+                            session,
+                            user=user,
+                            client_key=client_key,
+                            server_key=server_key,
+                            login_timeout=self.settings.compute_login_timeout,
+                        )
+                    else:
+                        session = await login(
+                            woken.address,
+                            params,
+                            user=user,
+                            client_key=client_key,
+                            server_key=server_key,
+                            connect_timeout=self.settings.compute_connect_timeout
+                            * (attempt + 1),
+                            login_timeout=self.settings.compute_login_timeout,
+                        )
                 self.log.compute_s = time.perf_counter() - login_started
                 return session
             except ComputeUnreachable as exc:
@@ -394,6 +429,25 @@ class Session:
             f'endpoint "{endpoint}" is not accepting connections yet',
             hint="Retry the connection.",
         )
+
+    async def _open_early(
+        self, wake: asyncio.Task[Woken], endpoint: str, params: dict[str, str]
+    ) -> ComputeSession | None:
+        """Step 7 begun during step 4: when the compute is already awake (a cached
+        address) and a session slot is free now, connect and send the startup packet
+        while the client does its SCRAM, so the compute's fork and backend start
+        overlap the client's round trips. Anything less certain waits for auth."""
+        woken = await wake
+        if woken.cold_start != "cached":
+            return None
+        if self._slot is None:
+            if not self.state.guards.try_acquire(endpoint):
+                return None
+            self._slot = endpoint
+        async with self.state.guards.connecting(woken.address):
+            return await open_session(
+                woken.address, params, connect_timeout=self.settings.compute_connect_timeout
+            )
 
     # -- steps 8–9 -------------------------------------------------------------------
 
