@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 from pgwake.up import Up
-from tests.helpers import make_data_dir, up_settings
+from tests.helpers import make_data_dir, running_up
 from wakeup.provisioners.pgbin import embedded_bindir
 
 
@@ -36,9 +36,5 @@ def data_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 async def stack(pg_bin: Path) -> AsyncIterator[Up]:
     """One `pgwake up` for the session (tests create their own endpoints in it)."""
-    directory = make_data_dir("pgwake-stack-")
-    up = Up(up_settings(directory, pg_bin))
-    await up.start()
-    yield up
-    await up.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    async with running_up("pgwake-stack-", pg_bin) as up:
+        yield up

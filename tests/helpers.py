@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pgwake.up import UpSettings
+from pgwake.up import Up, UpSettings
 
 
 def make_data_dir(prefix: str = "pgwake-test-") -> Path:
@@ -47,3 +50,16 @@ async def run(
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def running_up(prefix: str, pg_bin: Path, **overrides: object) -> AsyncIterator[Up]:
+    """A whole `pgwake up` in this process, on its own data dir, removed afterwards."""
+    directory = make_data_dir(prefix)
+    up = Up(up_settings(directory, pg_bin, **overrides))
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,18 +13,14 @@ import pytest
 from pgwake.up import Up
 from proxy.app import ProxyServer
 from proxy.settings import ProxySettings
-from tests.helpers import make_data_dir, up_settings
+from tests.helpers import running_up
 from wakeup.api import ControlClient
 
 
 @pytest.fixture(scope="module")
 async def idle_stack(pg_bin: Path) -> AsyncIterator[Up]:
-    directory = make_data_dir("pgwake-idle-")
-    up = Up(up_settings(directory, pg_bin, idle_timeout=1.0))
-    await up.start()
-    yield up
-    await up.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    async with running_up("pgwake-idle-", pg_bin, idle_timeout=1.0) as up:
+        yield up
 
 
 async def wait_for_state(

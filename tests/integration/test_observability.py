@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgwake.up import Up
-from tests.helpers import make_data_dir, up_settings
+from tests.helpers import running_up
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -100,12 +99,8 @@ async def test_client_visible_timing(stack: Up) -> None:
 
 @pytest.fixture
 async def own_stack(pg_bin: Path) -> AsyncIterator[Up]:
-    directory = make_data_dir("pgwake-ready-")
-    up = Up(up_settings(directory, pg_bin))
-    await up.start()
-    yield up
-    await up.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    async with running_up("pgwake-ready-", pg_bin) as up:
+        yield up
 
 
 async def test_readyz_follows_the_control_db(own_stack: Up) -> None:

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from pgwake.up import Up
-from tests.helpers import make_data_dir, up_settings
+from tests.helpers import make_data_dir, running_up, up_settings
 from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
 from wakeup.control import ControlPlane
 from wakeup.pool import PoolKey, PoolManager
@@ -27,22 +27,12 @@ DURABLE = PoolKey(Tier.DURABLE)
 
 @pytest.fixture(scope="module")
 async def pool_stack(pg_bin: Path) -> AsyncIterator[Up]:
-    directory = make_data_dir("pgwake-pool-")
     base = 40000 + (os.getpid() % 200) * 50  # apart from the session stack
-    up = Up(
-        up_settings(
-            directory,
-            pg_bin,
-            pool_size=POOL_SIZE,
-            pool_check_interval=0.2,
-            ephemeral_ttl=2.0,
-            port_range=(base, base + 24),
-        )
-    )
-    await up.start()
-    yield up
-    await up.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    async with running_up(
+        "pgwake-pool-", pg_bin, pool_size=POOL_SIZE, pool_check_interval=0.2,
+        ephemeral_ttl=2.0, port_range=(base, base + 24),
+    ) as up:
+        yield up
 
 
 def parts(up: Up) -> tuple[ControlClient, ControlPlane, PoolManager]:

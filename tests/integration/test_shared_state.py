@@ -27,7 +27,7 @@ from pgwake.up import Up
 from proxy.app import ProxyServer
 from proxy.settings import ProxySettings
 from proxy.shared import RedisShared
-from tests.helpers import make_data_dir, up_settings
+from tests.helpers import running_up
 from tls.context import ServerTLS
 from wakeup.api import ControlClient, CreatedEndpoint
 from wakeup.provisioners.base import Tier
@@ -82,14 +82,11 @@ async def rstack(pg_bin: Path, redis_server: RedisServer) -> AsyncIterator[Up]:
     """`pgwake up --redis`: control plane + proxy in process, state in Redis."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    directory = make_data_dir("pgwake-shared-")
-    up = Up(up_settings(directory, pg_bin, redis_url=redis_server.url,
-                        port_range=(30000 + (os.getpid() % 200) * 50,
-                                    30000 + (os.getpid() % 200) * 50 + 49)))
-    await up.start()
-    yield up
-    await up.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    base = 30000 + (os.getpid() % 200) * 50
+    async with running_up(
+        "pgwake-shared-", pg_bin, redis_url=redis_server.url, port_range=(base, base + 49)
+    ) as up:
+        yield up
 
 
 class Progress:
