@@ -63,6 +63,27 @@ class ProxyServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._activity_task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+        self.state.metrics.watch(self)
+
+    # -- what /metrics reads at scrape time (proxy.metrics.RuntimeSources) --------------
+
+    def shared_errors(self) -> int:
+        return self.shared.errors
+
+    def shared_degraded(self) -> bool:
+        return bool(getattr(self.shared, "degraded", False))
+
+    def handshakes(self) -> int:
+        return self.state.handshakes
+
+    def sessions_queued(self) -> int:
+        return self.state.guards.queued_total
+
+    def sessions_refused(self) -> int:
+        return self.state.guards.refused_total
+
+    def wake_calls(self) -> int:
+        return self.state.wake.wake_calls
 
     @property
     def port(self) -> int:
@@ -87,13 +108,14 @@ class ProxyServer:
                 self.reloader.run(s.cert_reload_interval, self._reload_stop),
                 name="proxy-cert-reload",
             )
-        self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         await self.shared.start()
         self.state.guards = ConnectionGuards(
             endpoint_cap=s.endpoint_client_cap,
             queue_timeout=s.endpoint_queue_timeout,
             connect_concurrency=s.compute_connect_concurrency,
         )
+        # Accept only once the shared state and the guards every session uses are set.
+        self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
             report_activity(self.control, self.state.guards, s.activity_interval),
             name="proxy-activity",

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,56 @@ class ProxyMetrics:
             registry=registry,
         )
 
+    def watch(self, sources: RuntimeSources) -> None:
+        """Expose counters the proxy's parts keep themselves, read at scrape time."""
+        self.registry.register(_RuntimeCollector(sources))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RuntimeSources(Protocol):
+    """What the runtime collector reads; ProxyServer provides it."""
+
+    def shared_errors(self) -> int: ...
+    def shared_degraded(self) -> bool: ...
+    def handshakes(self) -> int: ...
+    def sessions_queued(self) -> int: ...
+    def sessions_refused(self) -> int: ...
+    def wake_calls(self) -> int: ...
+
+
+class _RuntimeCollector(Collector):
+    def __init__(self, sources: RuntimeSources):
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.sources
+        yield CounterMetricFamily(
+            "pgwake_shared_state_errors", "Errors talking to the shared state (Redis).",
+            value=s.shared_errors(),
+        )
+        yield GaugeMetricFamily(
+            "pgwake_shared_state_degraded",
+            "1 while Redis is unavailable and this proxy runs on per-replica state.",
+            value=1.0 if s.shared_degraded() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "pgwake_connections_handshaking", "Connections in the startup phase now.",
+            value=s.handshakes(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_sessions_queued", "Sessions that queued for an endpoint slot.",
+            value=s.sessions_queued(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_sessions_refused", "Sessions refused (53300) after queueing.",
+            value=s.sessions_refused(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_wake_calls", "Wake calls this proxy made to the control API.",
+            value=s.wake_calls(),
+        )
 
 
 async def serve_metrics(

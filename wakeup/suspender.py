@@ -49,15 +49,17 @@ class Janitor:
                 # A proxy has a client on it (perhaps still logging in): busy.
                 await self.control.store.touch(endpoint.id)
                 continue
+            if (now - endpoint.last_active).total_seconds() < idle_timeout:
+                continue
+            # A suspend candidate by the proxies' reports: ask the compute itself (one
+            # admin connection, only now, not every tick) before stopping it.
             connections = await self.control.connection_count(endpoint)
             if connections is None:
                 continue
             if connections > 0:
                 await self.control.store.touch(endpoint.id)
                 continue
-            idle_for = (now - endpoint.last_active).total_seconds()
-            if idle_for >= idle_timeout:
-                with contextlib.suppress(EndpointNotFound):
-                    await self.control.suspend(
-                        endpoint.id, only_if_idle_since=endpoint.last_active.timestamp()
-                    )
+            with contextlib.suppress(EndpointNotFound):
+                await self.control.suspend(
+                    endpoint.id, only_if_idle_since=endpoint.last_active.timestamp()
+                )

@@ -22,6 +22,7 @@ import asyncpg
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import generate_latest
 
 from pgwake.up import Up
 from proxy.app import ProxyServer
@@ -286,6 +287,10 @@ async def test_redis_outage_degrades_then_sharing_resumes(
             await shared.invalidate(ep.id)
         assert shared.errors > errors_before
         assert shared.degraded
+        # Operators see it on /metrics, not only in the log.
+        exposition = generate_latest(rstack.registry).decode()
+        assert "pgwake_shared_state_degraded 1.0" in exposition
+        assert f"pgwake_shared_state_errors_total {float(shared.errors)}" in exposition
     finally:
         await redis_server.start()
     async with asyncio.timeout(DEADLINE):
