@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from pgwake import datadir
-from wakeup.api import ControlAPIError, ControlClient, Endpoint, Pool
+from wakeup.api import SIZE_NAMES, ControlAPIError, ControlClient, Endpoint, Pool
 
 app = typer.Typer(
     help="pgwake: a serverless front door for PostgreSQL.",
@@ -157,9 +157,10 @@ def _print_json(value: Any) -> None:
 
 
 def _endpoint_table(endpoints: list[Endpoint]) -> Table:
-    table = Table("id", "name", "tier", "state", "generation", "wakes", "address", "last active")
+    table = Table("id", "name", "tier", "size", "state", "generation", "wakes", "address",
+                  "last active")
     for e in endpoints:
-        table.add_row(e.id, e.name, e.tier, e.state, str(e.generation), str(e.wakes),
+        table.add_row(e.id, e.name, e.tier, e.size, e.state, str(e.generation), str(e.wakes),
                       e.address or "-", e.last_active.strftime("%Y-%m-%d %H:%M:%S"))
     return table
 
@@ -171,17 +172,21 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output"
 def endpoint_create(
     name: Annotated[str | None, typer.Option(help="Display name")] = None,
     tier: Annotated[str, typer.Option(help="durable | ephemeral")] = "durable",
+    size: Annotated[str, typer.Option(help="Size class: small | medium | large (see wakeup/sizes.py)")] = "small",
     as_json: JsonFlag = False,
     data_dir: DataDir = None,
 ) -> None:
     """Create a database endpoint; prints its URL and password (shown once)."""
     if tier not in ("durable", "ephemeral"):
         raise typer.BadParameter("--tier is durable or ephemeral")
-    created = _call(data_dir, lambda c: c.create_endpoint(name, tier))  # type: ignore[arg-type]
+    if size not in SIZE_NAMES:
+        raise typer.BadParameter(f"--size is one of {', '.join(SIZE_NAMES)}")
+    created = _call(data_dir, lambda c: c.create_endpoint(name, tier, size))  # type: ignore[arg-type]
     if as_json:
         _print_json(created.model_dump(mode="json"))
         return
-    console.print(f"endpoint [bold]{created.id}[/] ({created.tier}, {created.state})")
+    console.print(f"endpoint [bold]{created.id}[/] ({created.tier}, {created.size},"
+                  f" {created.state})")
     console.print(f"user       {created.user}")
     console.print(f"password   {created.password}   [dim](shown once)[/]")
     console.print(f"url        {created.url}", soft_wrap=True)
@@ -228,6 +233,30 @@ def endpoint_wake(endpoint_id: str, as_json: JsonFlag = False, data_dir: DataDir
     else:
         console.print(f"{endpoint_id} awake at {woken.address} ({woken.cold_start}, "
                       f"{woken.duration_seconds * 1000:.1f} ms)")
+
+
+@endpoint_app.command("resize")
+def endpoint_resize(
+    endpoint_id: str,
+    size: Annotated[str, typer.Argument(help="small | medium | large")],
+    drain: Annotated[float | None, typer.Option("--drain", help="Seconds pinned sessions get before 57P01 (default: the server's)")] = None,
+    as_json: JsonFlag = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Move the endpoint to another size class (a generation handoff); waits until it serves."""
+    if size not in SIZE_NAMES:
+        raise typer.BadParameter(f"SIZE is one of {', '.join(SIZE_NAMES)}")
+    resized = _call(data_dir, lambda c: c.resize(endpoint_id, size, drain_seconds=drain))
+    if as_json:
+        _print_json(resized.model_dump(mode="json"))
+        return
+    phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in resized.phases.items())
+    console.print(f"{endpoint_id} {resized.previous_size} → {resized.size}, generation "
+                  f"{resized.generation}, {resized.duration_seconds * 1000:.0f} ms"
+                  + (f" ({phases})" if phases else " (not running: applies at the next wake)"))
+    if resized.pinned_at_deadline:
+        console.print(f"[yellow]{resized.pinned_at_deadline} pinned session(s) ended with 57P01 "
+                      "at the drain deadline[/]")
 
 
 @endpoint_app.command("delete")

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 API_PREFIX = "/v1"
 # Redis pub/sub channel: the control plane publishes "invalidate:<endpoint>" on
@@ -17,6 +17,9 @@ API_PREFIX = "/v1"
 INVALIDATION_CHANNEL = "pgwake:events"
 ColdStartName = Literal["warm", "resumed", "pool_hit", "pool_miss"]
 TierName = Literal["durable", "ephemeral"]
+# The size classes of wakeup/sizes.py (their settings live there, not here: the
+# proxy imports this module and has no use for them).
+SIZE_NAMES = ("small", "medium", "large")
 
 # Endpoint ids become DNS labels (SNI) and file names: lowercase letters,
 # digits and inner hyphens, at most 63 characters. Anything else is refused
@@ -65,6 +68,7 @@ class Endpoint(BaseModel):
     url: str
     url_no_sni: str
     connections: int = 0  # live client sessions, summed over the proxies' reports
+    size: str = "small"  # size class (wakeup/sizes.py) the next compute start uses
 
 
 class PoolClass(BaseModel):
@@ -86,6 +90,25 @@ class Pool(BaseModel):
 class CreateEndpoint(BaseModel):
     name: str | None = None
     tier: TierName = "durable"
+    size: str = "small"  # small | medium | large (checked by the server: a clear 400)
+
+
+class ResizeEndpoint(BaseModel):
+    size: str  # small | medium | large
+    # How long pinned sessions are waited for before 57P01 (default: the server's).
+    drain_seconds: float | None = Field(default=None, ge=0.0, le=3600.0)
+
+
+class Resize(BaseModel):
+    """A finished resize: the endpoint at its new generation and what each phase took."""
+
+    endpoint: Endpoint
+    previous_size: str
+    size: str
+    generation: int
+    duration_seconds: float
+    phases: dict[str, float]  # freeze, drain, stop, start, unfreeze (empty: not running)
+    pinned_at_deadline: int  # sessions ended with 57P01 when the drain deadline passed
 
 
 class CreatedEndpoint(Endpoint):
@@ -113,11 +136,21 @@ class SetPassword(BaseModel):
 
 
 class Activity(BaseModel):
-    """A proxy's live client sessions per endpoint; valid for `ttl` seconds."""
+    """A proxy's live client sessions per endpoint; valid for `ttl` seconds.
+
+    `pinned`: of those, the sessions holding state that cannot move to another
+    backend (open transaction, temp tables, advisory locks, WITH HOLD cursors,
+    LISTEN, an unfinished COPY or extended-protocol exchange). None means the
+    proxy does not track pinning; a generation handoff then relies on what the
+    compute itself can tell. A proxy that tracks it should report soon after an
+    endpoint enters `handoff` (its cached address is invalidated then): the
+    drain waits for a report newer than the freeze.
+    """
 
     proxy_id: str
     connections: dict[str, int]
     ttl: float = 3.0
+    pinned: dict[str, int] | None = None
 
 
 class ApiErrorBody(BaseModel):
@@ -188,10 +221,23 @@ class ControlClient:
         return response.json() if response.content else None
 
     async def create_endpoint(
-        self, name: str | None = None, tier: TierName = "durable"
+        self, name: str | None = None, tier: TierName = "durable", size: str = "small"
     ) -> CreatedEndpoint:
-        body = CreateEndpoint(name=name, tier=tier).model_dump()
+        body = CreateEndpoint(name=name, tier=tier, size=size).model_dump()
         return CreatedEndpoint.model_validate(await self._call("POST", "/endpoints", json=body))
+
+    async def resize(
+        self, endpoint_id: str, size: str, *, drain_seconds: float | None = None,
+        timeout: float = 120.0,
+    ) -> Resize:
+        """Resize by a generation handoff; returns when the new generation serves."""
+        body = ResizeEndpoint(size=size, drain_seconds=drain_seconds).model_dump()
+        return Resize.model_validate(
+            await self._call(
+                "POST", f"/endpoints/{endpoint_id}/resize", json=body,
+                timeout=timeout + (drain_seconds or 0.0),
+            )
+        )
 
     async def list_endpoints(self) -> list[Endpoint]:
         return [Endpoint.model_validate(e) for e in await self._call("GET", "/endpoints")]
@@ -229,7 +275,9 @@ class ControlClient:
 
     async def report_activity(
         self, proxy_id: str, connections: dict[str, int], *, ttl: float,
-        timeout: float | None = None,
+        timeout: float | None = None, pinned: dict[str, int] | None = None,
     ) -> None:
-        body = Activity(proxy_id=proxy_id, connections=connections, ttl=ttl).model_dump()
+        body = Activity(
+            proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned
+        ).model_dump()
         await self._call("POST", "/activity", json=body, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -13,11 +14,13 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from wakeup.computeconfig import apply_config, count_client_connections
+from wakeup.handoff import GenerationHandoff, HandoffResult
 from wakeup.metrics import ControlMetrics
 from wakeup.pool import DEFAULT_SIZE_CLASS, PoolKey, PoolManager
 from wakeup.provisioners.base import ComputeAddress, ProvisionerError, Tier
 from wakeup.provisioners.local import LocalProvisioner
 from wakeup.secrets import generate_id, generate_password, scram_verifier
+from wakeup.sizes import SizeClass, size_class_of
 from wakeup.state import ColdStart, State
 from wakeup.store import EndpointRow, Store
 
@@ -59,6 +62,10 @@ class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
     suspend_grace: float = 5.0  # smart shutdown this long on suspend, then fast
+    # A resize waits this long for pinned sessions before the old generation's fast
+    # shutdown ends them (57P01). Below the proxies' wake budget (20 s by default),
+    # so connects queued behind the handoff are served, not timed out.
+    drain_timeout: float = 10.0
 
 
 class ControlPlane:
@@ -82,6 +89,10 @@ class ControlPlane:
         self.pool: PoolManager | None = None  # the warm pool, when one is configured
         # Proxies' activity reports: proxy id → (expires, live sessions per endpoint).
         self._activity: dict[str, tuple[float, dict[str, int]]] = {}
+        # Proxies' pinned-session reports: proxy id → (expires, received, pinned per
+        # endpoint). Only proxies that track pinning send them (Activity.pinned).
+        self._pinned: dict[str, tuple[float, float, dict[str, int]]] = {}
+        self._activity_event = asyncio.Event()
         # Called with an endpoint id when its address stops being valid (suspend,
         # delete): the Redis publisher that tells every proxy to drop its cache.
         self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
@@ -158,6 +169,7 @@ class ControlPlane:
             verifier=scram_verifier(password),
             compute_id=compute_id,
             expires_at=expires,
+            size=size_class,
         )
         async with self._lock(endpoint_id):
             try:
@@ -299,7 +311,9 @@ class ControlPlane:
         phase = self.metrics.wake_phase
         try:
             with phase.labels("start").time():
-                address = await self.provisioner.start(endpoint.compute_id, tier)
+                address = await self.provisioner.start(
+                    endpoint.compute_id, tier, size=size_class_of(endpoint.size)
+                )
             with phase.labels("config").time():
                 await self._apply_config_if_changed(endpoint)
         except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
@@ -311,6 +325,9 @@ class ControlPlane:
             return await self.store.mark_started(
                 endpoint.id, endpoint.compute_id, str(address), counted=counted
             )
+
+    async def apply_config_if_changed(self, endpoint: EndpointRow) -> None:
+        await self._apply_config_if_changed(endpoint)
 
     async def _apply_config_if_changed(self, endpoint: EndpointRow) -> None:
         assert endpoint.compute_id is not None
@@ -359,6 +376,28 @@ class ControlPlane:
             log.info("endpoint %s suspended", endpoint_id)
             return True
 
+    async def resize(
+        self, endpoint_id: str, size: SizeClass, *, drain_timeout: float | None = None
+    ) -> HandoffResult:
+        """Move the endpoint to another size class by a generation handoff.
+
+        An active endpoint goes through freeze, drain, stop, start, unfreeze (see
+        wakeup/handoff.py) under its lifecycle lock, so wakes, suspends and deletes
+        wait for it and there is never a second postmaster on its storage. A
+        suspended endpoint only records the size: its next wake starts it so.
+        """
+        drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        started = self.clock()
+        async with self._lock(endpoint_id):
+            endpoint = await self._endpoint(endpoint_id)
+            if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
+                handoff = GenerationHandoff(self, endpoint, size, drain)
+                return await handoff.run()
+            # Not running (suspended, or a start that failed): no session to move.
+            previous = endpoint.size
+            endpoint = await self.store.commit_generation(endpoint_id, size.name)
+            return HandoffResult(endpoint, previous, {}, self.clock() - started, 0)
+
     async def delete(self, endpoint_id: str) -> None:
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
@@ -368,6 +407,9 @@ class ControlPlane:
                 await self.provisioner.destroy(endpoint.compute_id, Tier(endpoint.tier))
         self._locks.pop(endpoint_id, None)
 
+    async def invalidate(self, endpoint_id: str) -> None:
+        await self._invalidate(endpoint_id)
+
     async def _invalidate(self, endpoint_id: str) -> None:
         for listener in self.invalidation_listeners:
             try:
@@ -375,10 +417,44 @@ class ControlPlane:
             except Exception as exc:  # a missed invalidation only costs a retry
                 log.warning("invalidation of %s not published: %r", endpoint_id, exc)
 
-    def record_activity(self, proxy_id: str, connections: dict[str, int], ttl: float) -> None:
+    def record_activity(
+        self, proxy_id: str, connections: dict[str, int], ttl: float,
+        pinned: dict[str, int] | None = None,
+    ) -> None:
         now = self.clock()
         self._activity = {k: v for k, v in self._activity.items() if v[0] > now}
         self._activity[proxy_id] = (now + max(0.0, min(ttl, 60.0)), dict(connections))
+        self._pinned = {k: v for k, v in self._pinned.items() if v[0] > now}
+        if pinned is not None:
+            self._pinned[proxy_id] = (now + max(0.0, min(ttl, 60.0)), now, dict(pinned))
+        # Wake a handoff's drain that waits for pinned sessions to go.
+        self._activity_event.set()
+        self._activity_event = asyncio.Event()
+
+    async def activity_changed(self, timeout: float) -> None:
+        """Wait for the next activity report, at most `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._activity_event.wait()
+
+    def reported_pinned(self, endpoint_id: str, *, since: float) -> int:
+        """Pinned sessions on the endpoint according to the proxies that track pinning.
+
+        A proxy whose last report predates `since` (the freeze) and that had sessions
+        on the endpoint counts as at least one: it has not yet said what they hold now.
+        """
+        now = self.clock()
+        total = 0
+        for proxy_id, (expires, received, pinned) in self._pinned.items():
+            if expires <= now:
+                continue
+            count = pinned.get(endpoint_id, 0)
+            if received < since:
+                activity = self._activity.get(proxy_id)
+                if activity is not None and activity[1].get(endpoint_id, 0) > 0:
+                    count = max(count, 1)
+            total += count
+        return total
 
     def reported_connections(self, endpoint_id: str) -> int:
         """Live client sessions for the endpoint, summed over proxies' unexpired reports."""

@@ -24,11 +24,12 @@ from wakeup.metrics import ControlMetrics
 from wakeup.provisioners.base import AdminTarget, ProvisionerError, Tier
 from wakeup.provisioners.local import LocalProvisioner
 from wakeup.secrets import generate_id, generate_password, scram_verifier
+from wakeup.sizes import DEFAULT_SIZE, size_class_of
 from wakeup.store import PoolItem, Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE_CLASS = "small"
+DEFAULT_SIZE_CLASS: str = DEFAULT_SIZE
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,9 @@ class PoolManager:
 
     async def _restart(self, item: PoolItem, key: PoolKey) -> bool:
         try:
-            address = await self.provisioner.start(item.id, key.tier)
+            address = await self.provisioner.start(
+                item.id, key.tier, size=size_class_of(key.size_class)
+            )
         except (OSError, ProvisionerError) as exc:
             log.warning("warm pool: compute %s does not start again: %s", item.id, exc)
             return False
@@ -253,7 +256,11 @@ class PoolManager:
             async with self._slots:
                 await self.store.insert_pool_compute(compute_id, key.tier.value, key.size_class)
                 await self.provisioner.create(compute_id, key.tier)
-                address = await self.provisioner.start(compute_id, key.tier)
+                # A pooled compute runs with its class's settings: a claim for
+                # another size never gets it (claims match tier and size class).
+                address = await self.provisioner.start(
+                    compute_id, key.tier, size=size_class_of(key.size_class)
+                )
                 target = self.provisioner.admin_target(compute_id, key.tier)
                 conn = await admin_connect(target)
                 password = generate_password()

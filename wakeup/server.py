@@ -18,12 +18,16 @@ from wakeup.api import (
     Endpoint,
     Pool,
     PoolClass,
+    Resize,
+    ResizeEndpoint,
     Role,
     SetPassword,
     Wake,
 )
 from wakeup.control import ControlPlane, EndpointNotFound, WakeFailed
+from wakeup.handoff import HandoffFailed
 from wakeup.provisioners.base import ProvisionerError, Tier
+from wakeup.sizes import SizeClass, UnknownSize, size_class_of
 from wakeup.store import EndpointRow
 from wakeup.urls import PublicAddress
 
@@ -57,6 +61,7 @@ def _endpoint_out(ep: EndpointRow, public: PublicAddress, connections: int = 0) 
         url=public.url(ep.id, ep.owner_role, None, ep.database),
         url_no_sni=public.url_no_sni(ep.id, ep.owner_role, None, ep.database),
         connections=connections,
+        size=ep.size,
     )
 
 
@@ -102,6 +107,16 @@ def create_app(
     async def _wake_failed(_: Request, exc: WakeFailed) -> JSONResponse:
         return JSONResponse({"error": {"code": "wake_failed", "message": str(exc)}}, 503)
 
+    @app.exception_handler(HandoffFailed)
+    async def _handoff_failed(_: Request, exc: HandoffFailed) -> JSONResponse:
+        return JSONResponse({"error": {"code": "handoff_failed", "message": str(exc)}}, 503)
+
+    def checked_size(name: str) -> SizeClass:
+        try:
+            return size_class_of(name)
+        except UnknownSize as exc:
+            raise APIProblem(400, "invalid_size", str(exc)) from None
+
     @app.exception_handler(ProvisionerError)
     async def _provisioner(_: Request, exc: ProvisionerError) -> JSONResponse:
         return JSONResponse({"error": {"code": "provisioner_error", "message": str(exc)}}, 503)
@@ -111,7 +126,8 @@ def create_app(
 
     @app.post(v1 + "/endpoints", dependencies=auth, status_code=201)
     async def create_endpoint(body: CreateEndpoint) -> CreatedEndpoint:
-        created = await control.create_endpoint(body.name, Tier(body.tier))
+        size = checked_size(body.size)
+        created = await control.create_endpoint(body.name, Tier(body.tier), size.name)
         ep = created.endpoint
         base = _endpoint_out(ep, public).model_dump()
         base["url"] = public.url(ep.id, created.role, created.password, ep.database)
@@ -156,6 +172,24 @@ def create_app(
             duration_seconds=round(result.duration, 6),
         )
 
+    @app.post(v1 + "/endpoints/{endpoint_id}/resize", dependencies=auth)
+    async def resize(endpoint_id: str, body: ResizeEndpoint) -> Resize:
+        """Generation handoff to another size class; answers once the new one serves."""
+        size = checked_size(body.size)
+        result = await control.resize(
+            checked_id(endpoint_id), size, drain_timeout=body.drain_seconds
+        )
+        ep = result.endpoint
+        return Resize(
+            endpoint=_endpoint_out(ep, public, control.reported_connections(ep.id)),
+            previous_size=result.previous_size,
+            size=ep.size,
+            generation=ep.generation,
+            duration_seconds=round(result.total, 6),
+            phases={k: round(v, 6) for k, v in result.durations.items()},
+            pinned_at_deadline=result.pinned_at_deadline,
+        )
+
     @app.get(v1 + "/endpoints/{endpoint_id}/roles/{role}", dependencies=auth)
     async def get_role(endpoint_id: str, role: str) -> Role:
         if not ROLE_NAME_RE.fullmatch(role):
@@ -174,7 +208,7 @@ def create_app(
 
     @app.post(v1 + "/activity", dependencies=auth, status_code=204)
     async def activity(body: Activity) -> Response:
-        control.record_activity(body.proxy_id, body.connections, body.ttl)
+        control.record_activity(body.proxy_id, body.connections, body.ttl, body.pinned)
         return Response(status_code=204)
 
     @app.get(v1 + "/pool", dependencies=auth)

@@ -59,6 +59,10 @@ MIGRATIONS: list[str] = [
     create index computes_pool on computes (tier, size_class, created_at)
         where endpoint_id is null and state = 'pooled';
     """,
+    # Size classes (wakeup/sizes.py): what the endpoint's next compute start uses.
+    """
+    alter table endpoints add column size text not null default 'small';
+    """,
 ]
 
 
@@ -79,6 +83,7 @@ class EndpointRow:
     last_active: dt.datetime
     suspended_at: dt.datetime | None
     expires_at: dt.datetime | None
+    size: str = "small"
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> EndpointRow:
@@ -177,22 +182,23 @@ class Store:
         verifier: str,
         compute_id: str,
         expires_at: dt.datetime | None,
+        size: str = "small",
     ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "insert into endpoints (id, name, tier, state, database, owner_role, compute_id,"
-                " expires_at) values ($1, $2, $3, $4, $5, $6, $7, $8)",
+                " expires_at, size) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 endpoint_id, name, tier, State.STARTING.value, database, role, compute_id,
-                expires_at,
+                expires_at, size,
             )
             await conn.execute(
                 "insert into roles (endpoint_id, name, verifier) values ($1, $2, $3)",
                 endpoint_id, role, verifier,
             )
             await conn.execute(
-                "insert into computes (id, endpoint_id, tier, state)"
-                " values ($1, $2, $3, 'stopped')",
-                compute_id, endpoint_id, tier,
+                "insert into computes (id, endpoint_id, tier, state, size_class)"
+                " values ($1, $2, $3, 'stopped', $4)",
+                compute_id, endpoint_id, tier, size,
             )
 
     async def get_endpoint(self, endpoint_id: str) -> EndpointRow | None:
@@ -243,6 +249,21 @@ class Store:
                 " suspended_at = now() where id = $1 and state <> 'deleted'",
                 endpoint_id,
             )
+
+    async def commit_generation(self, endpoint_id: str, size: str) -> EndpointRow:
+        """The old generation is gone: the endpoint's next compute is generation + 1 at
+        `size`. Recorded before the start, so a crash in between still starts the new
+        size (recover() leaves the endpoint suspended; the next wake starts it)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(
+                "update endpoints set size = $2, generation = generation + 1"
+                " where id = $1 and state <> 'deleted' returning *",
+                endpoint_id, size,
+            )
+            await conn.execute(
+                "update computes set size_class = $2 where id = $1", r["compute_id"], size
+            )
+        return EndpointRow.from_record(r)
 
     async def touch(self, endpoint_id: str) -> None:
         await self.pool.execute(
@@ -394,8 +415,8 @@ class Store:
             "  returning id, address, pool_verifier"
             "), endpoint as ("
             "  insert into endpoints (id, name, tier, state, database, owner_role,"
-            "    compute_id, expires_at)"
-            "  select $1, $2, $3, 'starting', $5, $6, claimed.id, $7 from claimed"
+            "    compute_id, expires_at, size)"
+            "  select $1, $2, $3, 'starting', $5, $6, claimed.id, $7, $4 from claimed"
             "  returning id"
             "), owner as ("
             "  insert into roles (endpoint_id, name, verifier)"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wakeup.api import ComputeAddress
+from wakeup.sizes import SizeClass
 
 __all__ = ["AdminTarget", "ComputeAddress", "Provisioner", "ProvisionerError", "Tier"]
 
@@ -37,8 +38,17 @@ class Provisioner(Protocol):
     async def create(self, compute_id: str, tier: Tier) -> None:
         """Give a compute its storage (a data directory cloned from the template)."""
 
-    async def start(self, compute_id: str, tier: Tier) -> ComputeAddress:
-        """Start the compute and return once it accepts connections."""
+    async def start(
+        self, compute_id: str, tier: Tier, *, size: SizeClass | None = None,
+        adopt: bool = True,
+    ) -> ComputeAddress:
+        """Start the compute with the size class's settings (None: the default class)
+        and return once it accepts connections. `adopt=False` (a generation handoff):
+        a compute still running is an error, never reused; a second server on one
+        storage is refused in every case."""
+
+    def refuse_new_connections(self, compute_id: str) -> bool:
+        """Freeze: open sessions go on, new connections are refused with 57P03."""
 
     async def stop(self, compute_id: str, *, smart: float = 0.0) -> None:
         """Fast shutdown (after `smart` s of smart shutdown, if given). Storage survives."""

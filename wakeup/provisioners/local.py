@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ from wakeup.provisioners.pgbin import (
 from wakeup.provisioners.process import (
     AdoptedPostmaster,
     PostgresProcess,
+    PostmasterPid,
     ServerOptions,
     StartFailed,
     read_postmaster_pid,
     run_checked,
 )
+from wakeup.sizes import DEFAULT_SIZE, SizeClass, size_class_of
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,9 @@ host    all  all           ::1/128       scram-sha-256
 """
 
 COMPUTE_CONF = """\
-# written by pgwake: settings every compute shares
+# written by pgwake: settings every compute shares (the size class's
+# shared_buffers, max_connections, work_mem … come as -c options: wakeup/sizes.py)
 password_encryption = 'scram-sha-256'
-shared_buffers = '32MB'
-max_connections = 100
 huge_pages = off
 dynamic_shared_memory_type = posix
 log_line_prefix = '%m [%p] '
@@ -178,14 +180,35 @@ class LocalProvisioner:
             return port
         raise ProvisionerError(f"no free port in the compute port range {low}-{high}")
 
-    async def start(self, compute_id: str, tier: Tier) -> ComputeAddress:
+    async def start(
+        self, compute_id: str, tier: Tier, *, size: SizeClass | None = None,
+        adopt: bool = True,
+    ) -> ComputeAddress:
+        """Start the compute with `size`'s settings (default: the smallest class).
+
+        `adopt`: a postmaster already serving this data directory (ours, or left by
+        an earlier pgwake) is returned as is. Without it (a generation handoff,
+        whose new settings an old postmaster does not have) a live postmaster is an
+        error. Either way a second postmaster is never started on one data
+        directory: one that is alive but not adoptable (starting, stopping) is
+        refused here, before PostgreSQL's own postmaster.pid lock would refuse it.
+        """
         assert self.binaries is not None, "prepare() first"
-        current = await self.status(compute_id, tier)
-        if current is not None:
-            return current
+        if adopt:
+            current = await self.status(compute_id, tier)
+            if current is not None:
+                return current
         target = self.compute_dir(compute_id, tier)
         if not (target / "pgdata" / "PG_VERSION").exists():
             raise ProvisionerError(f"compute {compute_id} has no storage (was it deleted?)")
+        alive = self.live_postmaster(compute_id, tier)
+        if alive is not None:
+            raise ProvisionerError(
+                f"compute {compute_id}: a postmaster (pid {alive.pid},"
+                f" {alive.status or 'no status'}) still runs on its data directory;"
+                " refusing to start a second one"
+            )
+        settings = (size or size_class_of(DEFAULT_SIZE)).postgres_settings()
         last_error: StartFailed | None = None
         for _attempt in range(3):
             port = self._pick_port()
@@ -198,7 +221,8 @@ class LocalProvisioner:
                     socket_dir=target / "s",
                     log_path=target / "postgres.log",
                     listen=self.settings.listen,
-                    settings=self.settings.extra_settings,
+                    # Operator extras come last: they win over the size class.
+                    settings=settings + self.settings.extra_settings,
                 ),
                 self.run_as,
             )
@@ -228,6 +252,19 @@ class LocalProvisioner:
         self._ports.pop(compute_id, None)
         if proc is not None:
             await proc.stop(self.settings.stop_timeout)
+
+    def live_postmaster(self, compute_id: str, tier: Tier) -> PostmasterPid | None:
+        """The postmaster whose postmaster.pid names a live process, in any status."""
+        return read_postmaster_pid(self.compute_dir(compute_id, tier) / "pgdata")
+
+    def refuse_new_connections(self, compute_id: str) -> bool:
+        """Begin a smart shutdown: sessions that are open go on, every new connection
+        gets 57P03 (which proxies answer by waking again). False if not running."""
+        proc = self._running.get(compute_id)
+        if proc is None or not proc.running:
+            return False
+        proc.send_signal(signal.SIGTERM)
+        return True
 
     async def kill(self, compute_id: str) -> None:
         """SIGKILL, as a crash would; used by tests and by orphan cleanup."""

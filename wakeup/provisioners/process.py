@@ -166,6 +166,11 @@ class PostgresProcess:
                 break
         await self._finish_relay()
 
+    def send_signal(self, sig: signal.Signals) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
     async def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -271,6 +276,10 @@ class AdoptedPostmaster:
         except PermissionError:
             return True
         return True
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.info.pid, sig)
 
     async def stop(self, timeout: float = 30.0, *, smart: float = 0.0) -> None:
         for sig, wait in _stop_steps(timeout, smart):
