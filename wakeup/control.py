@@ -119,8 +119,20 @@ class ControlPlane:
             address = await self.provisioner.status(compute.id, tier)
             if address is None and compute.endpoint_id is not None:
                 log.info("compute %s is not running any more; endpoint suspended", compute.id)
+                # One still starting or shutting down (no one's any more) must not
+                # outlive this: the next wake starts a postmaster on its storage.
+                await self.provisioner.stop_orphan(compute.id, tier)
                 await self.store.mark_suspended(compute.endpoint_id, compute.id)
         for endpoint in await self.store.list_endpoints():
+            if endpoint.state is State.HANDOFF and endpoint.compute_id is not None:
+                # A handoff was cut short: whichever generation runs (the old one in
+                # its smart shutdown, or a new one never recorded) is stopped, and
+                # the next wake starts the endpoint at its recorded size.
+                await self.provisioner.stop(endpoint.compute_id)
+                # Not adopted if it was shutting down: stopped through its postmaster.pid.
+                await self.provisioner.stop_orphan(endpoint.compute_id, Tier(endpoint.tier))
+                await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
+                continue
             if endpoint.state in (State.STARTING, State.SUSPENDING, State.HANDOFF):
                 running = endpoint.compute_id is not None and (
                     await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from wakeup.provisioners.local import LocalProvisioner
 from wakeup.sizes import size_class_of
 
 PSQL = shutil.which("psql") or "psql"
+PGWAKE = str(Path(sys.executable).with_name("pgwake"))
 PHASES = ("freeze", "drain", "stop", "start", "unfreeze")
 
 
@@ -351,3 +354,91 @@ async def test_session_open_across_a_resize_sees_the_new_size(rstack: Up) -> Non
         assert row == ("128MB",)
         row = await (await conn.execute("show application_name")).fetchone()
         assert row == ("kept-across-resize",)
+
+
+async def test_drain_waits_for_a_fresh_pinned_report_from_the_proxies(rstack: Up) -> None:
+    """Proxies that track pinning report it on /v1/activity; the drain waits for a
+    report newer than the freeze that says nothing is pinned."""
+    client = _client(rstack)
+    ep = await client.create_endpoint()
+    # Before the freeze this proxy has a session on the endpoint; what it holds after
+    # the freeze is unknown until it reports again.
+    await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 0})
+    resize = asyncio.create_task(client.resize(ep.id, "medium", drain_seconds=60))
+    await wait_for_state(client, ep.id, "handoff")
+    await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 1})
+    assert not resize.done()
+    await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 0})
+    resized = await resize
+    assert resized.pinned_at_deadline == 0 and resized.size == "medium"
+    await client.report_activity("proxy-a", {}, ttl=60, pinned={})
+
+
+async def test_restart_during_a_handoff_leaves_no_postmaster_behind(rstack: Up) -> None:
+    """pgwake dies mid-handoff (old generation in its smart shutdown, a session still
+    on it): the next pgwake stops it, and the endpoint wakes at its recorded size."""
+    from wakeup.control import ControlPlane, ControlSettings
+    from wakeup.state import State
+
+    client = _client(rstack)
+    assert rstack.control is not None and rstack.control.control is not None
+    plane = rstack.control.control
+    ep = await client.create_endpoint()
+    compute_id = await compute_id_of(rstack, ep.id)
+    pgdata = pgdata_of(rstack, compute_id)
+    async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as held:
+        await plane.store.set_state(ep.id, State.HANDOFF)
+        assert plane.provisioner.refuse_new_connections(compute_id)
+        async with asyncio.timeout(30):
+            # postmaster.pid says "stopping" once the smart shutdown has begun.
+            while (  # noqa: ASYNC110
+                (info := plane.provisioner.live_postmaster(compute_id, Tier.DURABLE)) is None
+                or info.status != "stopping"
+            ):
+                await asyncio.sleep(0.01)
+        restarted = LocalProvisioner(plane.provisioner.settings)
+        await restarted.prepare()
+        await ControlPlane(plane.store, restarted, ControlSettings()).recover()
+        assert postmasters_on(pgdata) == []
+        assert (await client.get_endpoint(ep.id)).state == "suspended"
+        with pytest.raises(psycopg.OperationalError):
+            await held.execute("select 1")
+    assert await show(ep.url_no_sni, "shared_buffers") == "32MB"
+    assert len(postmasters_on(pgdata)) == 1
+
+
+async def test_cli_create_size_resize_and_show(rstack: Up) -> None:
+    assert rstack.control is not None and rstack.api_key_file is not None
+    env = {"PGWAKE_API_URL": rstack.control.api_url,
+           "PGWAKE_API_KEY": rstack.api_key_file.read_text().strip()}
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        return await run(PGWAKE, "endpoint", *args, env=env)
+
+    code, out, err = await cli("create", "--size", "medium", "--json")
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["size"] == "medium"
+    assert await show(created["url_no_sni"], "shared_buffers") == "128MB"
+
+    code, out, err = await cli("resize", created["id"], "small", "--json")
+    assert code == 0, err
+    resized = json.loads(out)
+    assert (resized["previous_size"], resized["size"], resized["generation"]) == (
+        "medium", "small", 2)
+    assert set(resized["phases"]) == set(PHASES)
+
+    code, out, err = await cli("show", created["id"], "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert (shown["size"], shown["generation"], shown["state"]) == ("small", 2, "active")
+    assert await show(created["url_no_sni"], "shared_buffers") == "32MB"
+
+    code, out, err = await cli("resize", created["id"], "medium")
+    assert code == 0, err
+    assert "small → medium, generation 3" in out
+
+    code, out, err = await cli("resize", created["id"], "gigantic")
+    assert code != 0 and "small, medium, large" in err + out
+    code, out, err = await cli("create", "--size", "tiny")
+    assert code != 0 and "small, medium, large" in err + out
