@@ -17,7 +17,8 @@ lifecycle lock for the whole handoff, which is what makes it safe:
   cursors, LISTEN, unfinished extended-protocol or COPY exchanges), and the
   compute itself, asked over the admin socket: a client backend inside a
   transaction or running a statement, or holding an advisory lock, or owning
-  temporary tables in the endpoint's database.
+  temporary tables in the endpoint's database. The drain also runs a CHECKPOINT
+  on the old generation, so the stop's shutdown checkpoint is short.
 - **stop**: fast shutdown of the old postmaster. Unpinned idle sessions lose
   their backend at an idle point, where the proxy re-attaches them to the new
   generation. Sessions still pinned at the deadline are ended by that fast
@@ -188,6 +189,15 @@ class GenerationHandoff:
         control, ep = self.control, self.endpoint
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout
+        if admin is not None:
+            # A checkpoint now, while the old generation still serves, leaves the
+            # stop's shutdown checkpoint little to write: clients stall for the stop
+            # and the start only, not for flushing what they dirtied.
+            try:
+                await admin.execute("checkpoint", timeout=max(0.001, self.drain_timeout))
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                log.info("handoff of %s: early checkpoint skipped: %s", ep.id, exc)
         while True:
             pinned = control.reported_pinned(ep.id, since=frozen_at)
             if admin is not None and not admin.is_closed():
