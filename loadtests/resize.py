@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 
 from loadtests.stack import running_stack
-from loadtests.stats import print_table, summary, write_result
+from loadtests.stats import plot_bars, print_table, summary, write_result
 
 INTERVAL = 0.05
 
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = asyncio.run(measure(2 if args.quick else args.resizes, args.drain))
     path = write_result(args.out, "resize", result)
+    plot_bars(
+        args.out / "resize.png", "resize: longest stall a 50 ms query loop saw",
+        {f"{i + 1}: {r['resize']}": r["stall_ms"] for i, r in enumerate(result["resizes"])},
+        "ms",
+    )
     columns = ["resize", "generation", "api_ms", "serving_ms", "stall_ms", "errors",
                "freeze_ms", "drain_ms", "stop_ms", "start_ms", "unfreeze_ms"]
     print_table("resize under a 50 ms query loop", result["resizes"], columns)

@@ -64,3 +64,15 @@ async def test_connect_scenarios_quick(tmp_path: Path, scenario: str, result_fil
     if scenario == "pool":
         assert result["cold_start"]["warm_pool"] == {"pool_hit": 10}
     assert (tmp_path / f"{result_file}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(600)
+async def test_resize_quick(tmp_path: Path) -> None:
+    out = await harness(tmp_path, "resize")
+    result = json.loads((tmp_path / "resize.json").read_text())
+    assert [r["resize"] for r in result["resizes"]] == ["small→medium", "medium→small"]
+    assert [r["generation"] for r in result["resizes"]] == [2, 3]
+    assert all(r["serving_ms"] > 0 and r["api_ms"] > 0 for r in result["resizes"])
+    assert result["queries"] > 0
+    assert (tmp_path / "resize.png").read_bytes().startswith(PNG_MAGIC)
+    assert "longest client stall" in out
