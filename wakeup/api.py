@@ -69,6 +69,7 @@ class Endpoint(BaseModel):
     url_no_sni: str
     connections: int = 0  # live client sessions, summed over the proxies' reports
     size: str = "small"  # size class (wakeup/sizes.py) the next compute start uses
+    pinned: int = 0  # of `connections`, sessions pinned to their backend (proxies' reports)
 
 
 class PoolClass(BaseModel):

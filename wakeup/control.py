@@ -402,6 +402,9 @@ class ControlPlane:
         started = self.clock()
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
+            if endpoint.size == size.name:
+                # Already there: nothing to hand off, no new generation.
+                return HandoffResult(endpoint, endpoint.size, {}, self.clock() - started, 0)
             if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
                 handoff = GenerationHandoff(self, endpoint, size, drain)
                 return await handoff.run()
@@ -448,6 +451,15 @@ class ControlPlane:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._activity_event.wait()
+
+    def pinned_sessions(self, endpoint_id: str) -> int:
+        """Pinned sessions on the endpoint, summed over proxies' unexpired reports."""
+        now = self.clock()
+        return sum(
+            pinned.get(endpoint_id, 0)
+            for expires, _, pinned in self._pinned.values()
+            if expires > now
+        )
 
     def reported_pinned(self, endpoint_id: str, *, since: float) -> int:
         """Pinned sessions on the endpoint according to the proxies that track pinning.

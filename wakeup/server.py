@@ -42,7 +42,9 @@ class APIProblem(Exception):
         self.message = message
 
 
-def _endpoint_out(ep: EndpointRow, public: PublicAddress, connections: int = 0) -> Endpoint:
+def _endpoint_out(
+    ep: EndpointRow, public: PublicAddress, connections: int = 0, pinned: int = 0
+) -> Endpoint:
     return Endpoint(
         id=ep.id,
         name=ep.name,
@@ -62,6 +64,7 @@ def _endpoint_out(ep: EndpointRow, public: PublicAddress, connections: int = 0) 
         url_no_sni=public.url_no_sni(ep.id, ep.owner_role, None, ep.database),
         connections=connections,
         size=ep.size,
+        pinned=pinned,
     )
 
 
@@ -143,14 +146,18 @@ def create_app(
     @app.get(v1 + "/endpoints", dependencies=auth)
     async def list_endpoints() -> list[Endpoint]:
         return [
-            _endpoint_out(ep, public, control.reported_connections(ep.id))
+            _endpoint_out(
+                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+            )
             for ep in await control.list()
         ]
 
     @app.get(v1 + "/endpoints/{endpoint_id}", dependencies=auth)
     async def get_endpoint(endpoint_id: str) -> Endpoint:
         ep = await control.get(checked_id(endpoint_id))
-        return _endpoint_out(ep, public, control.reported_connections(ep.id))
+        return _endpoint_out(
+            ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+        )
 
     @app.delete(v1 + "/endpoints/{endpoint_id}", dependencies=auth, status_code=204)
     async def delete_endpoint(endpoint_id: str) -> Response:
@@ -181,7 +188,9 @@ def create_app(
         )
         ep = result.endpoint
         return Resize(
-            endpoint=_endpoint_out(ep, public, control.reported_connections(ep.id)),
+            endpoint=_endpoint_out(
+                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+            ),
             previous_size=result.previous_size,
             size=ep.size,
             generation=ep.generation,

@@ -155,6 +155,9 @@ async def test_unknown_size_is_a_400_with_a_message(rstack: Up) -> None:
         await client.resize(ep.id, "../small")
     assert info.value.status == 400 and info.value.code == "invalid_size"
     assert (await client.get_endpoint(ep.id)).generation == 1
+    # Resizing to the size it has already is not a handoff.
+    same = await client.resize(ep.id, "small")
+    assert same.phases == {} and same.generation == 1 and same.endpoint.state == "active"
 
 
 async def test_resize_new_connections_see_the_new_size(rstack: Up) -> None:
@@ -368,6 +371,8 @@ async def test_drain_waits_for_a_fresh_pinned_report_from_the_proxies(rstack: Up
     await wait_for_state(client, ep.id, "handoff")
     await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 1})
     assert not resize.done()
+    shown = await client.get_endpoint(ep.id)
+    assert (shown.state, shown.pinned, shown.connections) == ("handoff", 1, 1)
     await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 0})
     resized = await resize
     assert resized.pinned_at_deadline == 0 and resized.size == "medium"
