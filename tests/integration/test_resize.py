@@ -340,10 +340,10 @@ async def test_warm_pool_hands_out_small_only(pg_bin: Path) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("proxy.attach") is None,
-    reason="needs the proxy's session re-attach (proxy/attach.py, the `sessions` work on "
-    "issue 10 items 1-2), which this branch does not have yet: without it a session "
-    "open across a resize loses its backend at the stop",
+    not any(importlib.util.find_spec(m) for m in ("proxy.attach", "proxy.park")),
+    reason="needs the proxy's session re-attach (proxy/attach.py or proxy/park.py, the "
+    "`sessions` work on issue 10 items 1-2), which this branch does not have yet: without "
+    "it a session open across a resize loses its backend at the stop (57P01)",
 )
 async def test_session_open_across_a_resize_sees_the_new_size(rstack: Up) -> None:
     client = _client(rstack)
