@@ -307,11 +307,12 @@ def status(
 
 
 def _status_view(endpoints: list[Endpoint], pool: Pool) -> Group:
-    table = Table("id", "name", "tier", "state", "gen", "wakes", "conns", "last active",
-                  "compute", title="endpoints")
+    table = Table("id", "name", "tier", "size", "state", "gen", "wakes", "conns", "pinned",
+                  "last active", "compute", title="endpoints")
     for e in endpoints:
-        table.add_row(e.id, e.name, e.tier, e.state, str(e.generation), str(e.wakes),
-                      str(e.connections), e.last_active.strftime("%H:%M:%S"), e.address or "-")
+        table.add_row(e.id, e.name, e.tier, e.size, e.state, str(e.generation), str(e.wakes),
+                      str(e.connections), str(e.pinned), e.last_active.strftime("%H:%M:%S"),
+                      e.address or "-")
     pool_table = Table("tier", "size", "ready", "target", title="warm pool")
     for c in pool.classes:
         pool_table.add_row(c.tier, c.size_class, str(c.ready), str(c.target))

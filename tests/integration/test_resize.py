@@ -443,6 +443,11 @@ async def test_cli_create_size_resize_and_show(rstack: Up) -> None:
     assert code == 0, err
     assert "small → medium, generation 3" in out
 
+    code, out, err = await run(PGWAKE, "status", env=env)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if created["id"] in line]
+    assert "medium" in line and "active" in line
+
     code, out, err = await cli("resize", created["id"], "gigantic")
     assert code != 0 and "small, medium, large" in err + out
     code, out, err = await cli("create", "--size", "tiny")
