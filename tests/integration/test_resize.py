@@ -452,3 +452,35 @@ async def test_cli_create_size_resize_and_show(rstack: Up) -> None:
     assert code != 0 and "small, medium, large" in err + out
     code, out, err = await cli("create", "--size", "tiny")
     assert code != 0 and "small, medium, large" in err + out
+
+
+async def test_a_new_generation_that_cannot_start_leaves_the_endpoint_suspended(
+    rstack: Up,
+) -> None:
+    """A real start failure (postgres rejects a setting) after the old generation is gone:
+    a clear 503, the endpoint suspended at the new size, its data intact, no postmaster;
+    the next connect starts it once the setting is fixed."""
+    import dataclasses
+
+    client = _client(rstack)
+    assert rstack.control is not None
+    provisioner = rstack.control.provisioner
+    ep = await client.create_endpoint()
+    await psql(ep.url_no_sni, "create table kept (v int); insert into kept values (5)")
+    pgdata = pgdata_of(rstack, await compute_id_of(rstack, ep.id))
+    good = provisioner.settings
+    provisioner.settings = dataclasses.replace(
+        good, extra_settings=(*good.extra_settings, ("work_mem", "-1"))
+    )
+    try:
+        with pytest.raises(ControlAPIError) as info:
+            await client.resize(ep.id, "medium")
+    finally:
+        provisioner.settings = good
+    assert info.value.status == 503 and info.value.code == "handoff_failed"
+    assert "suspended" in info.value.message
+    shown = await client.get_endpoint(ep.id)
+    assert (shown.state, shown.size, shown.generation) == ("suspended", "medium", 2)
+    assert postmasters_on(pgdata) == []
+    assert await psql(ep.url_no_sni, "select v from kept") == "5"
+    assert await show(ep.url_no_sni, "shared_buffers") == "128MB"
