@@ -484,3 +484,39 @@ async def test_a_new_generation_that_cannot_start_leaves_the_endpoint_suspended(
     assert postmasters_on(pgdata) == []
     assert await psql(ep.url_no_sni, "select v from kept") == "5"
     assert await show(ep.url_no_sni, "shared_buffers") == "128MB"
+
+
+async def test_freeze_holds_at_every_proxy_even_one_with_a_stale_cache(rstack: Up) -> None:
+    """Two proxies without shared state (no invalidation reaches the second): both have
+    the old address cached; connects made on either during the drain are served by the
+    new generation, never by the old one."""
+    from proxy.app import ProxyServer
+    from proxy.settings import ProxySettings
+
+    client = _client(rstack)
+    assert rstack.proxy is not None
+    other = ProxyServer(
+        ProxySettings(listen_host="127.0.0.1", listen_port=0),
+        control=client,
+        server_tls=rstack.proxy.state.server_tls,
+    )
+    await other.start()
+    try:
+        ep = await client.create_endpoint()
+        urls = [ep.url_no_sni,
+                ep.url_no_sni.replace(f":{rstack.proxy_port}/", f":{other.port}/")]
+        for url in urls:  # both proxies cache the first generation's address
+            assert await show(url, "shared_buffers") == "32MB"
+        pinned = await psycopg.AsyncConnection.connect(ep.url_no_sni)
+        try:
+            await pinned.execute("select 1")  # a transaction is open: the drain waits
+            resize = asyncio.create_task(client.resize(ep.id, "medium", drain_seconds=60))
+            await wait_for_state(client, ep.id, "handoff")
+            newcomers = [asyncio.create_task(show(url, "shared_buffers")) for url in urls]
+            await pinned.commit()
+            await resize
+        finally:
+            await pinned.close()
+        assert await asyncio.gather(*newcomers) == ["128MB", "128MB"]
+    finally:
+        await other.drain(timeout=1)
