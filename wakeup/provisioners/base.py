@@ -9,7 +9,9 @@ from typing import Protocol
 from wakeup.api import ComputeAddress
 from wakeup.sizes import SizeClass
 
-__all__ = ["AdminTarget", "ComputeAddress", "Provisioner", "ProvisionerError", "Tier"]
+__all__ = [
+    "AdminTarget", "ComputeAddress", "Provisioner", "ProvisionerError", "RunningServer", "Tier",
+]
 
 
 class Tier(enum.StrEnum):
@@ -31,6 +33,16 @@ class AdminTarget:
     database: str = "postgres"
 
 
+class RunningServer(Protocol):
+    """What a provisioner knows of a live server process (local: its postmaster.pid)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def status(self) -> str: ...
+
+
 class Provisioner(Protocol):
     async def prepare(self) -> None:
         """Find binaries, build templates; called once before anything else."""
@@ -49,6 +61,11 @@ class Provisioner(Protocol):
 
     def refuse_new_connections(self, compute_id: str) -> bool:
         """Freeze: open sessions go on, new connections are refused with 57P03."""
+
+    def live_postmaster(self, compute_id: str, tier: Tier) -> RunningServer | None:
+        """A server still running on the compute's storage, in any state (starting,
+        ready, shutting down). A handoff starts the next generation only once this is
+        None: never two writers on one data directory."""
 
     async def stop(self, compute_id: str, *, smart: float = 0.0) -> None:
         """Fast shutdown (after `smart` s of smart shutdown, if given). Storage survives."""
