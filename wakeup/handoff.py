@@ -108,6 +108,32 @@ class GenerationHandoff:
         log.info("handoff of %s: %s took %.3fs", self.endpoint.id, ended.value, took)
 
     async def run(self) -> HandoffResult:
+        try:
+            return await self._run()
+        except HandoffFailed:
+            raise
+        except BaseException:
+            # Cut short (the control DB failed, the task was cancelled): the old
+            # generation may be in its smart shutdown, which cannot be undone, and
+            # must not be handed out again. Stop whatever runs; the next wake starts
+            # the endpoint afresh at its recorded size.
+            if not self.run_state.finished:
+                await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        ep = self.endpoint
+        assert ep.compute_id is not None
+        log.error("handoff of %s cut short in %s; endpoint suspended", ep.id,
+                  self.run_state.phase.value)
+        try:
+            await self.control.provisioner.stop(ep.compute_id)
+            await self.control.store.mark_suspended(ep.id, ep.compute_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # recover() settles a `handoff` endpoint at the next start of pgwake.
+            log.error("handoff of %s: cleanup failed too: %s", ep.id, exc)
+
+    async def _run(self) -> HandoffResult:
         control, ep = self.control, self.endpoint
         assert ep.compute_id is not None
         tier = Tier(ep.tier)

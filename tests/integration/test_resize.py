@@ -520,3 +520,28 @@ async def test_freeze_holds_at_every_proxy_even_one_with_a_stale_cache(rstack: U
         assert await asyncio.gather(*newcomers) == ["128MB", "128MB"]
     finally:
         await other.drain(timeout=1)
+
+
+async def test_a_handoff_cut_short_never_hands_out_the_frozen_generation(rstack: Up) -> None:
+    """The handoff is cancelled during its drain (the old generation already refuses
+    new connections): the endpoint is suspended, not left `handoff` or served by a
+    postmaster that is shutting down; the next connect starts it at the old size."""
+    client = _client(rstack)
+    assert rstack.control is not None and rstack.control.control is not None
+    plane = rstack.control.control
+    ep = await client.create_endpoint()
+    pgdata = pgdata_of(rstack, await compute_id_of(rstack, ep.id))
+    async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as pinned:
+        await pinned.execute("select 1")  # open transaction: the drain waits
+        handoff = asyncio.create_task(plane.resize(ep.id, size_class_of("medium"),
+                                                   drain_timeout=60))
+        await wait_for_state(client, ep.id, "handoff")
+        handoff.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handoff
+        shown = await client.get_endpoint(ep.id)
+        assert (shown.state, shown.size, shown.generation) == ("suspended", "small", 1)
+        assert postmasters_on(pgdata) == []
+        with pytest.raises(psycopg.OperationalError):
+            await pinned.execute("select 1")
+    assert await show(ep.url_no_sni, "shared_buffers") == "32MB"
