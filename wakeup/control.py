@@ -93,6 +93,9 @@ class ControlPlane:
         # endpoint). Only proxies that track pinning send them (Activity.pinned).
         self._pinned: dict[str, tuple[float, float, dict[str, int]]] = {}
         self._activity_event = asyncio.Event()
+        # Endpoints whose handoff has begun: no wake hands out their address, even
+        # before the control DB says `handoff` (see wakeup/handoff.py, freeze).
+        self.frozen: set[str] = set()
         # Called with an endpoint id when its address stops being valid (suspend,
         # delete): the Redis publisher that tells every proxy to drop its cache.
         self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
@@ -313,6 +316,8 @@ class ControlPlane:
     async def _warm_address(self, endpoint: EndpointRow) -> ComputeAddress | None:
         if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:
             return None
+        if endpoint.id in self.frozen:
+            return None  # a handoff is freezing it: wait for the new generation
         return await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))
 
     async def _start(self, endpoint: EndpointRow, *, counted: bool) -> EndpointRow:

@@ -138,19 +138,25 @@ class GenerationHandoff:
         assert ep.compute_id is not None
         tier = Tier(ep.tier)
         store = control.store
-        # -- freeze
-        await store.set_state(ep.id, self.run_state.endpoint_state())
-        await control.invalidate(ep.id)
-        admin = await self._admin_connection(ep, tier)
-        control.provisioner.refuse_new_connections(ep.compute_id)
-        frozen_at = control.clock()
-        self._advance(HandoffPhase.DRAIN)
-        # -- drain
+        # -- freeze: from here no wake answers with the old generation's address
+        # (in memory at once, then in the control DB), and once the endpoint shows
+        # `handoff` the old postmaster refuses every new connection.
+        control.frozen.add(ep.id)
         try:
-            pinned = await self._drain(admin, frozen_at)
+            admin = await self._admin_connection(ep, tier)
+            try:
+                await control.provisioner.refuse_new_connections(ep.compute_id)
+                await store.set_state(ep.id, self.run_state.endpoint_state())
+                await control.invalidate(ep.id)
+                frozen_at = control.clock()
+                self._advance(HandoffPhase.DRAIN)
+                # -- drain
+                pinned = await self._drain(admin, frozen_at)
+            finally:
+                if admin is not None:
+                    admin.terminate()
         finally:
-            if admin is not None:
-                admin.terminate()
+            control.frozen.discard(ep.id)  # the endpoint's state says `handoff` now
         if pinned:
             log.warning(
                 "handoff of %s: %d pinned session(s) still open after %.1fs; the old"

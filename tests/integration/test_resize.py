@@ -267,17 +267,17 @@ async def test_never_two_writers_under_racing_resize_wake_suspend(rstack: Up) ->
     pgdata = pgdata_of(rstack, await compute_id_of(rstack, ep.id))
     sizes = ["medium", "small", "large", "medium"]
 
-    async def writer() -> int:
+    acknowledged: set[int] = set()
+
+    async def writer() -> None:
         """A client that keeps writing through the proxy across everything."""
-        committed = 0
         for i in range(40):
             try:
                 async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as conn:
                     await conn.execute("insert into w values (%s)", (i,))
-                committed += 1
+                acknowledged.add(i)
             except psycopg.OperationalError:
                 pass  # a suspend or handoff may end a session: allowed, not a lost commit
-        return committed
 
     with PostmasterWatch(pgdata) as watch:
         ops = [client.resize(ep.id, size, drain_seconds=1) for size in sizes]
@@ -288,13 +288,13 @@ async def test_never_two_writers_under_racing_resize_wake_suspend(rstack: Up) ->
     assert watch.most == 1, f"two postmasters on one data directory: {watch.seen}"
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
-    committed = results[0]
-    assert isinstance(committed, int)
     final = await client.get_endpoint(ep.id)
     assert final.generation == 1 + len(sizes)
     assert final.state in ("active", "suspended")
     assert await show(ep.url_no_sni, "shared_buffers") == size_class_of(final.size).shared_buffers
-    assert await psql(ep.url_no_sni, "select count(*) from w") == str(committed)
+    stored = await psql(ep.url_no_sni, "select string_agg(v::text, ',') from w")
+    # Every acknowledged commit is there (an ended session's commit may be too).
+    assert acknowledged <= {int(v) for v in stored.split(",") if v}
     assert len(postmasters_on(pgdata)) == 1
 
 
@@ -393,14 +393,9 @@ async def test_restart_during_a_handoff_leaves_no_postmaster_behind(rstack: Up) 
     pgdata = pgdata_of(rstack, compute_id)
     async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as held:
         await plane.store.set_state(ep.id, State.HANDOFF)
-        assert plane.provisioner.refuse_new_connections(compute_id)
-        async with asyncio.timeout(30):
-            # postmaster.pid says "stopping" once the smart shutdown has begun.
-            while (  # noqa: ASYNC110
-                (info := plane.provisioner.live_postmaster(compute_id, Tier.DURABLE)) is None
-                or info.status != "stopping"
-            ):
-                await asyncio.sleep(0.01)
+        assert await plane.provisioner.refuse_new_connections(compute_id)
+        info = plane.provisioner.live_postmaster(compute_id, Tier.DURABLE)
+        assert info is not None and info.status == "stopping"  # smart shutdown began
         restarted = LocalProvisioner(plane.provisioner.settings)
         await restarted.prepare()
         await ControlPlane(plane.store, restarted, ControlSettings()).recover()

@@ -59,8 +59,9 @@ class Provisioner(Protocol):
         a compute still running is an error, never reused; a second server on one
         storage is refused in every case."""
 
-    def refuse_new_connections(self, compute_id: str) -> bool:
-        """Freeze: open sessions go on, new connections are refused with 57P03."""
+    async def refuse_new_connections(self, compute_id: str) -> bool:
+        """Freeze: open sessions go on, new connections are refused with 57P03 (true
+        when this returns)."""
 
     def live_postmaster(self, compute_id: str, tier: Tier) -> RunningServer | None:
         """A server still running on the compute's storage, in any state (starting,

@@ -257,14 +257,39 @@ class LocalProvisioner:
         """The postmaster whose postmaster.pid names a live process, in any status."""
         return read_postmaster_pid(self.compute_dir(compute_id, tier) / "pgdata")
 
-    def refuse_new_connections(self, compute_id: str) -> bool:
+    async def refuse_new_connections(self, compute_id: str, timeout: float = 5.0) -> bool:
         """Begin a smart shutdown: sessions that are open go on, every new connection
-        gets 57P03 (which proxies answer by waking again). False if not running."""
+        gets 57P03 (which proxies answer by waking again). Returns once the postmaster
+        says so in postmaster.pid ("stopping"); False if it is not running."""
         proc = self._running.get(compute_id)
         if proc is None or not proc.running:
             return False
         proc.send_signal(signal.SIGTERM)
+        pgdata = self._pgdata_of_running(compute_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # The postmaster rewrites its pid file when it takes the signal; there is no
+        # event to wait on, so look briefly, with a deadline.
+        while loop.time() < deadline:
+            info = read_postmaster_pid(pgdata) if pgdata is not None else None
+            if info is None or info.status == "stopping":
+                return True
+            await asyncio.sleep(0.002)
+        log.warning("compute %s did not begin its smart shutdown within %.0fs",
+                    compute_id, timeout)
         return True
+
+    def _pgdata_of_running(self, compute_id: str) -> Path | None:
+        proc = self._running.get(compute_id)
+        if isinstance(proc, PostgresProcess):
+            return proc.options.pgdata
+        if isinstance(proc, AdoptedPostmaster):
+            for tier in Tier:
+                pgdata = self.compute_dir(compute_id, tier) / "pgdata"
+                info = read_postmaster_pid(pgdata)
+                if info is not None and info.pid == proc.pid:
+                    return pgdata
+        return None
 
     async def kill(self, compute_id: str) -> None:
         """SIGKILL, as a crash would; used by tests and by orphan cleanup."""
