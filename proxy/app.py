@@ -11,6 +11,7 @@ import socket
 
 from prometheus_client import CollectorRegistry
 
+from proxy.activity import report_activity
 from proxy.auth import RoleCache
 from proxy.cancel import CancelMap
 from proxy.connlog import ConnectionLog
@@ -23,7 +24,7 @@ from proxy.shared import open_shared
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
-from wakeup.api import ControlAPIError, ControlClient
+from wakeup.api import ControlClient
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class ProxyServer:
         # Accept only once the shared state and the guards every session uses are set.
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
-            report_activity(self.control, self.state.guards, s.activity_interval),
+            report_activity(
+                self.control, self.state.guards.counts, self.state.activity, s.activity_interval
+            ),
             name="proxy-activity",
         )
         self.listening.set()
@@ -196,24 +199,3 @@ def raise_open_file_limit(ceiling: int = 1 << 20) -> int:
         return target
     return soft
 
-
-async def report_activity(
-    control: ControlClient, guards: ConnectionGuards, interval: float
-) -> None:
-    """Tell the control plane how many sessions each endpoint has here, so the
-    janitor never suspends a compute that a client of any proxy is using."""
-    proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(guards):x}"
-    reported: dict[str, int] = {}
-    while True:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await guards.became_busy.wait()
-        guards.became_busy.clear()
-        counts = guards.counts()
-        if not counts and not reported:
-            continue
-        try:
-            await control.report_activity(proxy_id, counts, ttl=interval * 3, timeout=interval)
-            reported = counts
-        except ControlAPIError as exc:
-            log.warning("activity report failed: %s", exc)

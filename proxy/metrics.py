@@ -32,6 +32,14 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.connect_phase = Histogram(
+            "pgwake_connect_phase_seconds",
+            "Consecutive parts of the time to ReadyForQuery (they add up to it): tls, "
+            "startup, admit, verifier, auth, queue, wake, compute, finish.",
+            ["phase", "cold_start"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.connections_active = Gauge(
             "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
         )

@@ -113,11 +113,20 @@ class SetPassword(BaseModel):
 
 
 class Activity(BaseModel):
-    """A proxy's live client sessions per endpoint; valid for `ttl` seconds."""
+    """A proxy's live client sessions per endpoint; valid for `ttl` seconds.
+
+    `last_active` (endpoint → Unix time) is the latest session start, end or
+    client traffic since the previous report; `started` counts sessions begun
+    since then; `interval` is how often this proxy reports (so the janitor knows
+    how stale the news can be).
+    """
 
     proxy_id: str
     connections: dict[str, int]
     ttl: float = 3.0
+    last_active: dict[str, float] = {}
+    started: dict[str, int] = {}
+    interval: float = 0.0
 
 
 class ApiErrorBody(BaseModel):
@@ -229,7 +238,11 @@ class ControlClient:
 
     async def report_activity(
         self, proxy_id: str, connections: dict[str, int], *, ttl: float,
-        timeout: float | None = None,
+        timeout: float | None = None, last_active: dict[str, float] | None = None,
+        started: dict[str, int] | None = None, interval: float = 0.0,
     ) -> None:
-        body = Activity(proxy_id=proxy_id, connections=connections, ttl=ttl).model_dump()
+        body = Activity(
+            proxy_id=proxy_id, connections=connections, ttl=ttl,
+            last_active=last_active or {}, started=started or {}, interval=interval,
+        ).model_dump()
         await self._call("POST", "/activity", json=body, timeout=timeout)

@@ -82,6 +82,8 @@ class ControlPlane:
         self.pool: PoolManager | None = None  # the warm pool, when one is configured
         # Proxies' activity reports: proxy id → (expires, live sessions per endpoint).
         self._activity: dict[str, tuple[float, dict[str, int]]] = {}
+        # proxy id → (expires, its report interval): how late news of activity can be.
+        self._report_lag: dict[str, tuple[float, float]] = {}
         # Called with an endpoint id when its address stops being valid (suspend,
         # delete): the Redis publisher that tells every proxy to drop its cache.
         self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
@@ -266,12 +268,15 @@ class ControlPlane:
         endpoint = await self._endpoint(endpoint_id)
         warm = await self._warm_address(endpoint)
         if warm is not None:
+            # A wake asked for is activity: the idle clock starts again.
+            await self.store.touch(endpoint_id)
             return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started)
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             warm = await self._warm_address(endpoint)
             if warm is not None:
                 # Someone else's wake finished while we queued for the lock.
+                await self.store.touch(endpoint_id)
                 return WakeResult(
                     warm, endpoint.generation, ColdStart.WARM, self.clock() - started
                 )
@@ -375,10 +380,24 @@ class ControlPlane:
             except Exception as exc:  # a missed invalidation only costs a retry
                 log.warning("invalidation of %s not published: %r", endpoint_id, exc)
 
-    def record_activity(self, proxy_id: str, connections: dict[str, int], ttl: float) -> None:
+    async def record_activity(
+        self, proxy_id: str, connections: dict[str, int], ttl: float,
+        *, last_active: dict[str, float] | None = None, interval: float = 0.0,
+    ) -> None:
         now = self.clock()
+        expires = now + max(0.0, min(ttl, 60.0))
         self._activity = {k: v for k, v in self._activity.items() if v[0] > now}
-        self._activity[proxy_id] = (now + max(0.0, min(ttl, 60.0)), dict(connections))
+        self._activity[proxy_id] = (expires, dict(connections))
+        self._report_lag = {k: v for k, v in self._report_lag.items() if v[0] > now}
+        self._report_lag[proxy_id] = (expires, max(0.0, min(interval, 60.0)))
+        # Sessions that came and went between two reports still moved the idle clock.
+        await self.store.touch_many(last_active or {})
+
+    def activity_lag(self) -> float:
+        """How long a proxy may sit on news of activity (its report interval)."""
+        now = self.clock()
+        return max((lag for expires, lag in self._report_lag.values() if expires > now),
+                   default=0.0)
 
     def reported_connections(self, endpoint_id: str) -> int:
         """Live client sessions for the endpoint, summed over proxies' unexpired reports."""

@@ -174,7 +174,11 @@ def create_app(
 
     @app.post(v1 + "/activity", dependencies=auth, status_code=204)
     async def activity(body: Activity) -> Response:
-        control.record_activity(body.proxy_id, body.connections, body.ttl)
+        await control.record_activity(
+            body.proxy_id, body.connections, body.ttl,
+            last_active={k: v for k, v in body.last_active.items() if ENDPOINT_ID_RE.fullmatch(k)},
+            interval=body.interval,
+        )
         return Response(status_code=204)
 
     @app.get(v1 + "/pool", dependencies=auth)
