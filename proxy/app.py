@@ -24,7 +24,7 @@ from proxy.shared import open_shared
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
-from wakeup.api import ControlClient
+from wakeup.api import ComputeAddress, ControlClient
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,21 @@ class ProxyServer:
 
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
+
+    # -- what the control plane pushes when it runs in this process (`pgwake up`) ------
+
+    async def endpoint_ready(
+        self, endpoint_id: str, role: str, verifier: str, address: ComputeAddress,
+        generation: int,
+    ) -> None:
+        """A new endpoint: cache its owner's verifier and its address before any client
+        asks, so its first connect makes no control-API call."""
+        self.state.roles.put(endpoint_id, role, verifier)
+        await self.state.wake.prime(endpoint_id, address, generation)
+
+    async def address_invalid(self, endpoint_id: str) -> None:
+        """Suspended or deleted: the next connect wakes instead of trying a dead port."""
+        await self.state.wake.invalidate(endpoint_id)
 
     @property
     def port(self) -> int:

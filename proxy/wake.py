@@ -167,6 +167,14 @@ class WakeClient:
     async def invalidate(self, endpoint_id: str) -> None:
         await self.shared.invalidate(endpoint_id)
 
+    async def prime(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
+        """An address the control plane pushed (a new endpoint): no wake call on first
+        connect."""
+        await self.shared.put_address(
+            endpoint_id, CachedAddress(address, generation),
+            jittered(self.settings.address_cache_ttl),
+        )
+
     async def close(self) -> None:
         tasks = list(self._inflight.values())
         for task in tasks:

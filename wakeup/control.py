@@ -55,6 +55,18 @@ class Created:
 
 
 @dataclass(frozen=True)
+class EndpointReady:
+    """What a proxy needs to let a client in without asking the control API: pushed
+    to the proxies' caches when an endpoint is created (or its pooled compute claimed)."""
+
+    endpoint_id: str
+    role: str
+    verifier: str
+    address: ComputeAddress
+    generation: int
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
@@ -87,6 +99,10 @@ class ControlPlane:
         # Called with an endpoint id when its address stops being valid (suspend,
         # delete): the Redis publisher that tells every proxy to drop its cache.
         self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
+        # Called when a new endpoint can take connections: the in-process proxy's
+        # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
+        # new endpoint's first connect makes no control-API call.
+        self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
 
     def _lock(self, endpoint_id: str) -> asyncio.Lock:
         lock = self._locks.get(endpoint_id)
@@ -145,6 +161,7 @@ class ControlPlane:
             if claimed is not None:
                 self.metrics.pool_claims.labels(ColdStart.POOL_HIT.value).inc()
                 endpoint, pooled_password = claimed
+                await self._announce(endpoint)
                 return Created(
                     endpoint, DEFAULT_ROLE, pooled_password, ColdStart.POOL_HIT,
                     self.clock() - started,
@@ -169,6 +186,7 @@ class ControlPlane:
                 await self.store.mark_deleted(endpoint_id)
                 await self.provisioner.destroy(compute_id, tier)
                 raise
+        await self._announce(endpoint)
         return Created(
             endpoint, DEFAULT_ROLE, password, ColdStart.POOL_MISS, self.clock() - started
         )
@@ -372,6 +390,22 @@ class ControlPlane:
             if endpoint.compute_id is not None:
                 await self.provisioner.destroy(endpoint.compute_id, Tier(endpoint.tier))
         self._locks.pop(endpoint_id, None)
+
+    async def _announce(self, endpoint: EndpointRow) -> None:
+        if not self.ready_listeners or endpoint.address is None:
+            return
+        verifier = await self.store.get_verifier(endpoint.id, endpoint.owner_role)
+        if verifier is None:
+            return
+        ready = EndpointReady(
+            endpoint.id, endpoint.owner_role, verifier,
+            ComputeAddress.parse(endpoint.address), endpoint.generation,
+        )
+        for listener in self.ready_listeners:
+            try:
+                await listener(ready)
+            except Exception as exc:  # a missed announcement only costs one API call
+                log.warning("endpoint %s not announced to proxies: %r", endpoint.id, exc)
 
     async def _invalidate(self, endpoint_id: str) -> None:
         for listener in self.invalidation_listeners:
