@@ -86,6 +86,9 @@ class ProxyServer:
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
 
+    def stale_addresses_served(self) -> int:
+        return self.state.wake.stale_served
+
     # -- what the control plane pushes when it runs in this process (`pgwake up`) ------
 
     async def endpoint_ready(

@@ -77,6 +77,7 @@ class RuntimeSources(Protocol):
     def sessions_queued(self) -> int: ...
     def sessions_refused(self) -> int: ...
     def wake_calls(self) -> int: ...
+    def stale_addresses_served(self) -> int: ...
 
 
 class _RuntimeCollector(Collector):
@@ -109,6 +110,12 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "pgwake_wake_calls", "Wake calls this proxy made to the control API.",
             value=s.wake_calls(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_stale_addresses_served",
+            "Connects sent to an endpoint's last known address past its TTL because the "
+            "control plane was unreachable.",
+            value=s.stale_addresses_served(),
         )
 
 

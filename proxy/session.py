@@ -360,9 +360,19 @@ class Session:
     async def _await_wake(self, wake: asyncio.Task[Woken], endpoint: str, stream: Stream) -> Woken:
         done, _ = await asyncio.wait({wake}, timeout=self.settings.wake_notice_after)
         if not done:
-            stream.write(
-                messages.notice_response(f'waking endpoint "{endpoint}"; the database is starting')
+            # Slow: say "waking" only if a compute is really being started (an active
+            # endpoint's lookup can be slow too, and the NOTICE shows up in output).
+            starting = asyncio.create_task(
+                self.state.wake.starting(endpoint, timeout=self.settings.control_timeout)
             )
+            try:
+                await asyncio.wait({wake, starting}, return_when=asyncio.FIRST_COMPLETED)
+                if not wake.done() and await starting:
+                    stream.write(messages.notice_response(
+                        f'waking endpoint "{endpoint}"; the database is starting'
+                    ))
+            finally:
+                starting.cancel()
         return await wake
 
     async def _connect_compute(
@@ -422,7 +432,7 @@ class Session:
                 # 57P03/57P01: starting up or shutting down (a suspend raced us);
                 # 28P01 from a *cached* address: the port now belongs to another compute.
                 stale = exc.sqlstate in ("57P03", "57P01") or (
-                    exc.sqlstate in ("28P01", "28000") and woken.cold_start == "cached"
+                    exc.sqlstate in ("28P01", "28000") and woken.cold_start in ("cached", "stale")
                 )
                 if not stale:
                     raise ClientError(

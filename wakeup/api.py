@@ -208,8 +208,10 @@ class ControlClient:
     async def pool(self) -> Pool:
         return Pool.model_validate(await self._call("GET", "/pool"))
 
-    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
-        return Endpoint.model_validate(await self._call("GET", f"/endpoints/{endpoint_id}"))
+    async def get_endpoint(self, endpoint_id: str, *, timeout: float | None = None) -> Endpoint:
+        return Endpoint.model_validate(
+            await self._call("GET", f"/endpoints/{endpoint_id}", timeout=timeout)
+        )
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         await self._call("DELETE", f"/endpoints/{endpoint_id}")

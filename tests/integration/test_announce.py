@@ -65,7 +65,7 @@ async def test_suspend_empties_the_in_process_proxy_cache(stack: Up) -> None:
     assert await stack.proxy.shared.get_address(ep.id) is None
 
 
-async def test_split_proxy_finds_a_new_endpoints_address_in_redis(rstack: Up) -> None:
+async def test_split_proxy_finds_a_new_endpoints_address_in_redis(rstack: Up) -> None:  # noqa: F811
     assert rstack.client is not None and rstack.control is not None
     key = (rstack.settings.data_dir / "api_key").read_text().strip()
     control = RecordingControl(rstack.control.api_url, key)
