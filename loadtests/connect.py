@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ async def timed_connect(conninfo: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def warm(iterations: int, compare_tree: Path | None = None) -> dict[str, Any]:
+async def warm(
+    iterations: int, compare_tree: Path | None = None, compare_python: Path | None = None
+) -> dict[str, Any]:
     # Both paths measured against the same compute, so it must speak TLS itself.
     async with contextlib.AsyncExitStack() as stacks:
         stack = await stacks.enter_async_context(running_stack(bindir=tls_capable_bindir()))
@@ -77,7 +80,8 @@ async def warm(iterations: int, compare_tree: Path | None = None) -> dict[str, A
             # The other tree's pgwake, its own stack, the same kind of compute: both
             # proxies and the direct path take turns in one run.
             other = await stacks.enter_async_context(running_stack(
-                bindir=tls_capable_bindir(), source_tree=compare_tree, port_block=1
+                bindir=tls_capable_bindir(), source_tree=compare_tree, python=compare_python,
+                port_block=1,
             ))
             baseline = await other.client.create_endpoint()
             paths.append((f"{BASELINE} TLS+SCRAM", baseline.url_no_sni))
@@ -96,6 +100,7 @@ async def warm(iterations: int, compare_tree: Path | None = None) -> dict[str, A
               "p50_ratio_proxy_vs_direct": round(ratio, 3), "samples_ms": series}
     if compare_tree is not None:
         result["compare_tree"] = str(compare_tree)
+        result["compare_python"] = str(compare_python or sys.executable)
         result["p50_ratio_baseline_vs_direct"] = round(
             stats[f"{BASELINE} TLS+SCRAM"]["p50_ms"] / direct_p50, 3
         )
@@ -112,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the pgwake of another source tree (e.g. a `git worktree` of an "
              "older commit) in the same run, as 'baseline'",
     )
+    parser.add_argument(
+        "--compare-python", type=Path, default=None,
+        help="the Python that runs --compare-tree (an environment with that tree's "
+             "dependencies; default: this one)",
+    )
     args = parser.parse_args(argv)
     iterations = 10 if args.quick else args.iterations
     # The client side; each stack is its own process.
-    result = asyncio.run(warm(iterations, args.compare_tree))
+    result = asyncio.run(warm(iterations, args.compare_tree, args.compare_python))
     path = write_result(args.out, "connect-warm", result)
     plot_cdf(args.out / "connect-warm.png", "Connect + first row, active endpoint",
              result["samples_ms"])
