@@ -97,30 +97,38 @@ async def report_activity(
     counts: Callable[[], dict[str, int]],
     tracker: ActivityTracker,
     interval: float,
+    invalidated: Callable[[str, float], None] = lambda endpoint_id, ago: None,
 ) -> None:
     """Every `interval`: live sessions per endpoint, latest activity, sessions started.
-
-    Nothing is sent while this proxy has had nothing to say twice in a row.
+    The answer names addresses that became invalid (suspends): `invalidated(endpoint,
+    seconds_ago)` drops cached copies older than that, for proxies without Redis.
+    One small request per interval, however many clients connect (and even when idle:
+    the answer is how suspends reach this proxy).
     """
     proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(tracker):x}"
-    reported: dict[str, int] = {}
     pending = ActivitySnapshot({}, {})
+    failing = False
     while True:
         await asyncio.sleep(interval)  # the report's period, by design
         live = counts()
         snap = _merge(pending, tracker.snapshot())
-        if not live and not reported and not snap:
-            continue
         try:
-            await control.report_activity(
+            answer = await control.report_activity(
                 proxy_id, live, ttl=interval * 3, timeout=interval,
                 last_active=snap.last_active, started=snap.started, interval=interval,
             )
-            reported, pending = live, ActivitySnapshot({}, {})
+            pending = ActivitySnapshot({}, {})
+            if failing:
+                log.warning("activity reports reach the control plane again")
+            failing = False
+            for endpoint_id, ago in answer.invalidated.items():
+                invalidated(endpoint_id, ago)
         except ControlAPIError as exc:
             # Keep what was not delivered for the next report (bounded by the endpoints).
             pending = snap
-            log.warning("activity report failed: %s", exc)
+            if not failing:
+                log.warning("activity report failed: %s", exc)
+            failing = True
 
 
 def _merge(old: ActivitySnapshot, new: ActivitySnapshot) -> ActivitySnapshot:

@@ -20,7 +20,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.settings import ProxySettings
-from proxy.shared import open_shared
+from proxy.shared import LocalShared, open_shared
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
@@ -100,6 +100,11 @@ class ProxyServer:
         self.state.roles.put(endpoint_id, role, verifier)
         await self.state.wake.prime(endpoint_id, address, generation)
 
+    def _invalidated_by_report(self, endpoint_id: str, seconds_ago: float) -> None:
+        # With Redis, invalidations arrive by pub/sub at once; without it, here.
+        if isinstance(self.shared, LocalShared):
+            self.shared.forget_older(endpoint_id, seconds_ago)
+
     async def address_invalid(self, endpoint_id: str) -> None:
         """Suspended or deleted: the next connect wakes instead of trying a dead port."""
         await self.state.wake.invalidate(endpoint_id)
@@ -137,7 +142,8 @@ class ProxyServer:
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
             report_activity(
-                self.control, self.state.guards.counts, self.state.activity, s.activity_interval
+                self.control, self.state.guards.counts, self.state.activity,
+                s.activity_interval, self._invalidated_by_report,
             ),
             name="proxy-activity",
         )

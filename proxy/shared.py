@@ -122,6 +122,13 @@ class LocalShared:
             return None
         return entry[1]
 
+    def forget_older(self, endpoint_id: str, age: float) -> None:
+        """Drop the endpoint's address if it was stored more than `age` seconds ago (a
+        late invalidation must not drop an address cached after it)."""
+        entry = self._last_known.get(endpoint_id)
+        if entry is not None and self.clock() - entry[0] >= age:
+            self.forget(endpoint_id)
+
     def forget(self, endpoint_id: str | None) -> None:
         """Drop a cached address (all of them for None), stale copies included."""
         if endpoint_id is None:

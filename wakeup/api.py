@@ -129,6 +129,13 @@ class Activity(BaseModel):
     interval: float = 0.0
 
 
+class ActivityAnswer(BaseModel):
+    """Endpoints whose addresses stopped being valid since the proxy's previous report
+    (endpoint → seconds ago): drop cached copies older than that."""
+
+    invalidated: dict[str, float] = {}
+
+
 class ApiErrorBody(BaseModel):
     code: str
     message: str
@@ -242,9 +249,10 @@ class ControlClient:
         self, proxy_id: str, connections: dict[str, int], *, ttl: float,
         timeout: float | None = None, last_active: dict[str, float] | None = None,
         started: dict[str, int] | None = None, interval: float = 0.0,
-    ) -> None:
+    ) -> ActivityAnswer:
         body = Activity(
             proxy_id=proxy_id, connections=connections, ttl=ttl,
             last_active=last_active or {}, started=started or {}, interval=interval,
         ).model_dump()
-        await self._call("POST", "/activity", json=body, timeout=timeout)
+        answer = await self._call("POST", "/activity", json=body, timeout=timeout)
+        return ActivityAnswer.model_validate(answer or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import time
@@ -103,6 +104,12 @@ class ControlPlane:
         # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
         # new endpoint's first connect makes no control-API call.
         self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
+        # Recent invalidations (clock, endpoint), told to each proxy in the answer to its
+        # next activity report: how a proxy without Redis learns of suspends.
+        self._invalidated: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=10_000
+        )
+        self._reported_at: dict[str, float] = {}  # proxy id → its previous report
 
     def _lock(self, endpoint_id: str) -> asyncio.Lock:
         lock = self._locks.get(endpoint_id)
@@ -408,6 +415,7 @@ class ControlPlane:
                 log.warning("endpoint %s not announced to proxies: %r", endpoint.id, exc)
 
     async def _invalidate(self, endpoint_id: str) -> None:
+        self._invalidated.append((self.clock(), endpoint_id))
         for listener in self.invalidation_listeners:
             try:
                 await listener(endpoint_id)
@@ -417,15 +425,27 @@ class ControlPlane:
     async def record_activity(
         self, proxy_id: str, connections: dict[str, int], ttl: float,
         *, last_active: dict[str, float] | None = None, interval: float = 0.0,
-    ) -> None:
+    ) -> dict[str, float]:
+        """Record a proxy's report; answer with the endpoints whose addresses became
+        invalid since its previous one (endpoint → seconds ago)."""
         now = self.clock()
+        since = self._reported_at.get(proxy_id)
+        invalidated: dict[str, float] = {}
+        if since is not None:
+            for at, endpoint_id in reversed(self._invalidated):
+                if at < since - 1.0:  # a second of overlap: a report may cross a suspend
+                    break
+                invalidated.setdefault(endpoint_id, now - at)
         expires = now + max(0.0, min(ttl, 60.0))
         self._activity = {k: v for k, v in self._activity.items() if v[0] > now}
         self._activity[proxy_id] = (expires, dict(connections))
         self._report_lag = {k: v for k, v in self._report_lag.items() if v[0] > now}
         self._report_lag[proxy_id] = (expires, max(0.0, min(interval, 60.0)))
+        self._reported_at = {k: v for k, v in self._reported_at.items() if v > now - 60.0}
+        self._reported_at[proxy_id] = now
         # Sessions that came and went between two reports still moved the idle clock.
         await self.store.touch_many(last_active or {})
+        return invalidated
 
     def activity_lag(self) -> float:
         """How long a proxy may sit on news of activity (its report interval)."""

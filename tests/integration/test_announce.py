@@ -3,6 +3,7 @@ proxy's address cache, with or without Redis."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -76,6 +77,26 @@ async def test_split_proxy_finds_a_new_endpoints_address_in_redis(rstack: Up) ->
         # The address came from the shared state; only the verifier was fetched
         # (verifiers are not put in Redis).
         assert [p for p in control.paths if p.endswith("/wake")] == []
+    finally:
+        await proxy.drain(timeout=2.0)
+        await control.aclose()
+
+
+async def test_suspend_reaches_a_split_proxy_without_redis(stack: Up) -> None:
+    assert stack.client is not None and stack.control is not None
+    key = (stack.settings.data_dir / "api_key").read_text().strip()
+    control = ControlClient(stack.control.api_url, key)
+    # Its own process state, no Redis: only the control API connects it to the suspend.
+    proxy = await side_proxy(stack, control, activity_interval=0.1)
+    try:
+        ep = await stack.client.create_endpoint()
+        await select_one(proxy.port, ep)
+        assert await proxy.shared.get_address(ep.id) is not None
+        await stack.client.suspend(ep.id)
+        async with asyncio.timeout(30):  # the next activity report's answer drops it
+            while await proxy.shared.get_address(ep.id) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await select_one(proxy.port, ep)  # and the next connect wakes it
     finally:
         await proxy.drain(timeout=2.0)
         await control.aclose()
