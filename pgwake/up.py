@@ -136,6 +136,11 @@ class Up:
 
             assert self.control.control is not None
             self.control.control.ready_listeners.append(ready)
+
+            async def new_verifier(endpoint_id: str, role: str, verifier: str) -> None:
+                proxy.state.roles.put(endpoint_id, role, verifier)
+
+            self.control.control.verifier_listeners.append(new_verifier)
             self.control.control.invalidation_listeners.append(proxy.address_invalid)
             self.control.extra_readiness["proxy_listening"] = self.proxy.listening.is_set
             self.control.extra_readiness["certificates"] = lambda: bool(server_tls.certificates)

@@ -104,6 +104,9 @@ class ControlPlane:
         # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
         # new endpoint's first connect makes no control-API call.
         self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
+        # Called with (endpoint, role, verifier) when a password changes: a proxy that
+        # was handed the old verifier at creation must not keep checking against it.
+        self.verifier_listeners: list[Callable[[str, str, str], Awaitable[None]]] = []
         # Recent invalidations (clock, endpoint), told to each proxy in the answer to its
         # next activity report: how a proxy without Redis learns of suspends.
         self._invalidated: collections.deque[tuple[float, str]] = collections.deque(
@@ -283,7 +286,13 @@ class ControlPlane:
     async def set_password(self, endpoint_id: str, role: str, password: str) -> int:
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
-            version = await self.store.set_verifier(endpoint_id, role, scram_verifier(password))
+            verifier = scram_verifier(password)
+            version = await self.store.set_verifier(endpoint_id, role, verifier)
+            for listener in self.verifier_listeners:
+                try:
+                    await listener(endpoint_id, role, verifier)
+                except Exception as exc:  # the proxy still refetches after a failed login
+                    log.warning("new verifier of %s not pushed: %r", endpoint_id, exc)
             if endpoint.state is State.ACTIVE:
                 await self._apply_config_if_changed(await self._endpoint(endpoint_id))
             return version
