@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from loadtests.stats import plot_cdf, print_table, summary, write_result
 from wakeup.computeconfig import admin_connect
 from wakeup.provisioners.base import AdminTarget
 from wakeup.provisioners.local import ADMIN_USER
+
+BASELINE = "baseline pgwake"
 
 
 async def enable_compute_tls(stack: BenchStack, ep_id: str) -> str:
@@ -58,9 +62,12 @@ async def timed_connect(conninfo: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def warm(iterations: int) -> dict[str, Any]:
+async def warm(
+    iterations: int, compare_tree: Path | None = None, compare_python: Path | None = None
+) -> dict[str, Any]:
     # Both paths measured against the same compute, so it must speak TLS itself.
-    async with running_stack(bindir=tls_capable_bindir()) as stack:
+    async with contextlib.AsyncExitStack() as stacks:
+        stack = await stacks.enter_async_context(running_stack(bindir=tls_capable_bindir()))
         ep = await stack.client.create_endpoint()
         address = await enable_compute_tls(stack, ep.id)
         host, _, port = address.rpartition(":")
@@ -68,21 +75,36 @@ async def warm(iterations: int) -> dict[str, Any]:
             f"host={host} port={port} user={ep.user} password={ep.password} "
             f"dbname={ep.database} sslmode=require"
         )
-        via_proxy = ep.url_no_sni
-        for conninfo in (direct, via_proxy):  # warm both paths (caches, TLS session setup)
+        paths = [("direct TLS+SCRAM", direct), ("pgwake TLS+SCRAM", ep.url_no_sni)]
+        if compare_tree is not None:
+            # The other tree's pgwake, its own stack, the same kind of compute: both
+            # proxies and the direct path take turns in one run.
+            other = await stacks.enter_async_context(running_stack(
+                bindir=tls_capable_bindir(), source_tree=compare_tree, python=compare_python,
+                port_block=1,
+            ))
+            baseline = await other.client.create_endpoint()
+            paths.append((f"{BASELINE} TLS+SCRAM", baseline.url_no_sni))
+        for _, conninfo in paths:  # warm every path (caches, TLS session setup)
             for _ in range(3):
                 await timed_connect(conninfo)
-        series: dict[str, list[float]] = {"direct TLS+SCRAM": [], "pgwake TLS+SCRAM": []}
+        series: dict[str, list[float]] = {label: [] for label, _ in paths}
         for i in range(iterations):
-            order = [("direct TLS+SCRAM", direct), ("pgwake TLS+SCRAM", via_proxy)]
-            if i % 2:
-                order.reverse()
+            order = paths[i % len(paths):] + paths[:i % len(paths)]
             for label, conninfo in order:
                 series[label].append(await timed_connect(conninfo))
     stats = {label: summary(values) for label, values in series.items()}
-    ratio = stats["pgwake TLS+SCRAM"]["p50_ms"] / stats["direct TLS+SCRAM"]["p50_ms"]
-    return {"scenario": "warm", "iterations": iterations, "stats": stats,
-            "p50_ratio_proxy_vs_direct": round(ratio, 3), "samples_ms": series}
+    direct_p50 = stats["direct TLS+SCRAM"]["p50_ms"]
+    ratio = stats["pgwake TLS+SCRAM"]["p50_ms"] / direct_p50
+    result = {"scenario": "warm", "iterations": iterations, "stats": stats,
+              "p50_ratio_proxy_vs_direct": round(ratio, 3), "samples_ms": series}
+    if compare_tree is not None:
+        result["compare_tree"] = str(compare_tree)
+        result["compare_python"] = str(compare_python or sys.executable)
+        result["p50_ratio_baseline_vs_direct"] = round(
+            stats[f"{BASELINE} TLS+SCRAM"]["p50_ms"] / direct_p50, 3
+        )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
     parser.add_argument("--quick", action="store_true", help="a short run (10 iterations)")
+    parser.add_argument(
+        "--compare-tree", type=Path, default=None,
+        help="also measure the pgwake of another source tree (e.g. a `git worktree` of an "
+             "older commit) in the same run, as 'baseline'",
+    )
+    parser.add_argument(
+        "--compare-python", type=Path, default=None,
+        help="the Python that runs --compare-tree (an environment with that tree's "
+             "dependencies; default: this one)",
+    )
     args = parser.parse_args(argv)
     iterations = 10 if args.quick else args.iterations
-    result = asyncio.run(warm(iterations))  # the client side; the stack is its own process
+    # The client side; each stack is its own process.
+    result = asyncio.run(warm(iterations, args.compare_tree, args.compare_python))
     path = write_result(args.out, "connect-warm", result)
     plot_cdf(args.out / "connect-warm.png", "Connect + first row, active endpoint",
              result["samples_ms"])
@@ -100,5 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table("connect + select 1 to an active endpoint (ms)", rows,
                 ["path", "n", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
     print(f"\npgwake / direct (p50): {result['p50_ratio_proxy_vs_direct']:.3f}  (budget ≤ 1.15)")
+    if "p50_ratio_baseline_vs_direct" in result:
+        print(f"{BASELINE} ({result['compare_tree']}) / direct (p50): "
+              f"{result['p50_ratio_baseline_vs_direct']:.3f}")
     print(f"results: {path}")
     return 0

@@ -99,14 +99,30 @@ class BenchStack:
         raise LookupError(f"no running compute on {address}")
 
 
+def pgwake_command(source_tree: Path | None = None, python: Path | None = None) -> list[str]:
+    """The `pgwake` program; from another source tree (an older checkout, for a before/after
+    comparison in one run) when given, run by `python` (an environment with that tree's
+    dependencies) or this one."""
+    if source_tree is None:
+        return [str(Path(sys.executable).with_name("pgwake"))]
+    bootstrap = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        # This checkout is installed in editable mode; its finder must not win.
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+        "from pgwake.cli import main; main()"
+    )
+    return [str(python or sys.executable), "-c", bootstrap, str(source_tree.resolve())]
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
-    *extra_args: str, bindir: Path | None = None
+    *extra_args: str, bindir: Path | None = None, source_tree: Path | None = None,
+    python: Path | None = None, port_block: int = 0,
 ) -> AsyncIterator[BenchStack]:
     directory = bench_dir("pgwake-bench-")
-    base = 30000 + (os.getpid() % 50) * 200
+    base = 30000 + ((os.getpid() + port_block * 17) % 50) * 200
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("pgwake")), "up",
+        *pgwake_command(source_tree, python), "up",
         "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--idle-timeout", "3600",
         "--log-level", "warning", *extra_args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

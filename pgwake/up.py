@@ -18,7 +18,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
-from wakeup.control import ControlSettings
+from wakeup.control import ControlSettings, EndpointReady
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
 from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
@@ -125,6 +125,23 @@ class Up:
                 connection_log=ConnectionLog(s.log_format),
             )
             await self.proxy.start(proxy_sock)
+            # Same process: the control plane tells this proxy directly (no Redis needed)
+            # about new endpoints and about addresses that stopped being valid.
+            proxy = self.proxy
+
+            async def ready(r: EndpointReady) -> None:
+                await proxy.endpoint_ready(
+                    r.endpoint_id, r.role, r.verifier, r.address, r.generation
+                )
+
+            assert self.control.control is not None
+            self.control.control.ready_listeners.append(ready)
+
+            async def new_verifier(endpoint_id: str, role: str, verifier: str) -> None:
+                proxy.state.roles.put(endpoint_id, role, verifier)
+
+            self.control.control.verifier_listeners.append(new_verifier)
+            self.control.control.invalidation_listeners.append(proxy.address_invalid)
             self.control.extra_readiness["proxy_listening"] = self.proxy.listening.is_set
             self.control.extra_readiness["certificates"] = lambda: bool(server_tls.certificates)
         except BaseException:

@@ -11,6 +11,7 @@ import socket
 
 from prometheus_client import CollectorRegistry
 
+from proxy.activity import report_activity
 from proxy.auth import RoleCache
 from proxy.cancel import CancelMap
 from proxy.connlog import ConnectionLog
@@ -19,11 +20,11 @@ from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.settings import ProxySettings
-from proxy.shared import open_shared
+from proxy.shared import LocalShared, open_shared
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
-from wakeup.api import ControlAPIError, ControlClient
+from wakeup.api import ComputeAddress, ControlClient
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,29 @@ class ProxyServer:
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
 
+    def stale_addresses_served(self) -> int:
+        return self.state.wake.stale_served
+
+    # -- what the control plane pushes when it runs in this process (`pgwake up`) ------
+
+    async def endpoint_ready(
+        self, endpoint_id: str, role: str, verifier: str, address: ComputeAddress,
+        generation: int,
+    ) -> None:
+        """A new endpoint: cache its owner's verifier and its address before any client
+        asks, so its first connect makes no control-API call."""
+        self.state.roles.put(endpoint_id, role, verifier)
+        await self.state.wake.prime(endpoint_id, address, generation)
+
+    def _invalidated_by_report(self, endpoint_id: str, seconds_ago: float) -> None:
+        # With Redis, invalidations arrive by pub/sub at once; without it, here.
+        if isinstance(self.shared, LocalShared):
+            self.shared.forget_older(endpoint_id, seconds_ago)
+
+    async def address_invalid(self, endpoint_id: str) -> None:
+        """Suspended or deleted: the next connect wakes instead of trying a dead port."""
+        await self.state.wake.invalidate(endpoint_id)
+
     @property
     def port(self) -> int:
         assert self._listener is not None
@@ -117,7 +141,10 @@ class ProxyServer:
         # Accept only once the shared state and the guards every session uses are set.
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
-            report_activity(self.control, self.state.guards, s.activity_interval),
+            report_activity(
+                self.control, self.state.guards.counts, self.state.activity,
+                s.activity_interval, self._invalidated_by_report,
+            ),
             name="proxy-activity",
         )
         self.listening.set()
@@ -196,24 +223,3 @@ def raise_open_file_limit(ceiling: int = 1 << 20) -> int:
         return target
     return soft
 
-
-async def report_activity(
-    control: ControlClient, guards: ConnectionGuards, interval: float
-) -> None:
-    """Tell the control plane how many sessions each endpoint has here, so the
-    janitor never suspends a compute that a client of any proxy is using."""
-    proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(guards):x}"
-    reported: dict[str, int] = {}
-    while True:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await guards.became_busy.wait()
-        guards.became_busy.clear()
-        counts = guards.counts()
-        if not counts and not reported:
-            continue
-        try:
-            await control.report_activity(proxy_id, counts, ttl=interval * 3, timeout=interval)
-            reported = counts
-        except ControlAPIError as exc:
-            log.warning("activity report failed: %s", exc)

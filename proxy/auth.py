@@ -54,6 +54,14 @@ class RoleCache:
     def invalidate(self, endpoint_id: str, role: str) -> None:
         self._entries.pop((endpoint_id, role), None)
 
+    def put(self, endpoint_id: str, role: str, verifier: str) -> None:
+        """A verifier the control plane pushed (a new endpoint): no fetch on first connect."""
+        try:
+            secret = parse_verifier(verifier)
+        except ValueError:
+            return
+        self._entries[(endpoint_id, role)] = (self.clock() + self.ttl, RoleSecret(secret))
+
     async def get(self, endpoint_id: str, role: str, *, timeout: float) -> RoleSecret:
         key = (endpoint_id, role)
         hit = self._entries.get(key)

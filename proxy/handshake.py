@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from dataclasses import dataclass
 
 from proxy.errors import ClientError, Kind
@@ -32,6 +33,7 @@ class ClientHello:
     trailing: bytes  # bytes after the StartupMessage (the first auth message, perhaps)
     cancel: CancelRequest | None = None
     direct_tls: bool = False
+    tls_done: float | None = None  # time.perf_counter() when the TLS handshake finished
 
 
 async def peek_first_byte(sock: socket.socket) -> bytes:
@@ -160,6 +162,7 @@ async def open_client(
 async def _after_tls(
     stream: Stream, info: TLSInfo, *, direct: bool, timeout: float
 ) -> ClientHello:
+    tls_done = time.perf_counter()
     parser = StartupParser()
     event = await _next_packet(stream, parser, timeout)
     if isinstance(event, SSLRequest | GSSENCRequest):
@@ -167,4 +170,6 @@ async def _after_tls(
     if isinstance(event, CancelRequest):
         return ClientHello(stream, None, info, b"", cancel=event, direct_tls=direct)
     assert isinstance(event, StartupMessage)
-    return ClientHello(stream, event, info, parser.trailing_data, direct_tls=direct)
+    return ClientHello(
+        stream, event, info, parser.trailing_data, direct_tls=direct, tls_done=tls_done
+    )

@@ -32,6 +32,14 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.connect_phase = Histogram(
+            "pgwake_connect_phase_seconds",
+            "Consecutive parts of the time to ReadyForQuery (they add up to it): tls, "
+            "startup, admit, verifier, auth, queue, wake, compute, finish.",
+            ["phase", "cold_start"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.connections_active = Gauge(
             "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
         )
@@ -69,6 +77,7 @@ class RuntimeSources(Protocol):
     def sessions_queued(self) -> int: ...
     def sessions_refused(self) -> int: ...
     def wake_calls(self) -> int: ...
+    def stale_addresses_served(self) -> int: ...
 
 
 class _RuntimeCollector(Collector):
@@ -101,6 +110,12 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "pgwake_wake_calls", "Wake calls this proxy made to the control API.",
             value=s.wake_calls(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_stale_addresses_served",
+            "Connects sent to an endpoint's last known address past its TTL because the "
+            "control plane was unreachable.",
+            value=s.stale_addresses_served(),
         )
 
 

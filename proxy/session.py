@@ -8,9 +8,9 @@ import hashlib
 import itertools
 import logging
 import socket
-import time
 from dataclasses import dataclass, field
 
+from proxy.activity import ActivityTracker
 from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.compute import (
@@ -45,6 +45,7 @@ from proxy.routing import (
 from proxy.settings import ProxySettings
 from proxy.splice import Splice
 from proxy.stream import PeerClosed, Stream
+from proxy.timing import PHASES, Timeline
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
 
@@ -69,6 +70,7 @@ class ProxyState:
     splices: set[Splice] = field(default_factory=set)
     handshakes: int = 0
     guards: ConnectionGuards = field(default_factory=ConnectionGuards)
+    activity: ActivityTracker = field(default_factory=ActivityTracker)
 
 
 @dataclass
@@ -82,23 +84,23 @@ class SessionLog:
     cold_start: str | None = None
     sqlstate: str | None = None
     outcome: str = "client_gone"
-    # Seconds. startup: accept → StartupMessage (TLS included; the client's pace);
-    # auth: the SCRAM round trips (the client's pace; the wake runs meanwhile);
-    # wake_wait: waiting for the compute after auth; compute: login to it.
-    startup_s: float | None = None
-    auth_s: float | None = None
-    wake_wait_s: float | None = None
-    compute_s: float | None = None
+    # Seconds: accept → ReadyForQuery, and its consecutive parts (proxy/timing.py
+    # PHASES), which add up to it.
     ready_s: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
 
     @property
     def client_wait_s(self) -> float:
-        return (self.startup_s or 0.0) + (self.auth_s or 0.0)
+        """The parts paced by the client: its TLS, StartupMessage and SCRAM round trips."""
+        return sum(self.phases.get(p, 0.0) for p in ("tls", "startup", "auth"))
 
     def as_dict(self) -> dict[str, object]:
-        values = {k: v for k, v in self.__dict__.items()}
+        values: dict[str, object] = {
+            k: v for k, v in self.__dict__.items() if k != "phases"
+        }
+        values.update({f"{phase}_s": v for phase, v in self.phases.items()})
         for key, value in values.items():
             if isinstance(value, float):
                 values[key] = round(value, 6)
@@ -108,12 +110,11 @@ class SessionLog:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value * 1000:.2f}"
 
+        parts = " ".join(f"{phase}_ms={ms(self.phases.get(phase))}" for phase in PHASES)
         return (
             f"session={self.session_id} client={self.client} endpoint={self.endpoint} "
             f"role={self.role} outcome={self.outcome} cold_start={self.cold_start} "
-            f"ready_ms={ms(self.ready_s)} startup_ms={ms(self.startup_s)} "
-            f"auth_ms={ms(self.auth_s)} wake_wait_ms={ms(self.wake_wait_s)} "
-            f"compute_ms={ms(self.compute_s)} bytes_in={self.bytes_in} "
+            f"ready_ms={ms(self.ready_s)} {parts} bytes_in={self.bytes_in} "
             f"bytes_out={self.bytes_out} sqlstate={self.sqlstate or '-'}"
         )
 
@@ -128,9 +129,10 @@ class Session:
         self._compute: ComputeSession | None = None
         self._slot: str | None = None  # the endpoint whose session slot this holds
         self.want_timing = False
+        self.timeline = Timeline()
 
     async def run(self) -> None:
-        self.started = started = time.perf_counter()
+        self.timeline = Timeline()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.handshake_timeout
         self.state.handshakes += 1
@@ -143,8 +145,6 @@ class Session:
             if spliced is None:
                 self.log.outcome = "cancel_request"
                 return
-            self.log.ready_s = time.perf_counter() - started
-            self._observe_ready()
             await self._splice(*spliced)
             self.log.outcome = "ok"
         except ClientError as exc:
@@ -171,6 +171,8 @@ class Session:
     def _observe_ready(self) -> None:
         """Connect latency twice: as the client saw it, and without the client's own pace."""
         entry, metrics = self.log, self.state.metrics
+        entry.ready_s = self.timeline.total
+        entry.phases = dict(self.timeline.parts)
         cached = entry.cold_start == "cached"
         # A cached address means no wake was needed: the compute was warm.
         cold_start = "warm" if cached else (entry.cold_start or "unknown")
@@ -180,11 +182,14 @@ class Session:
             max(entry.ready_s - entry.client_wait_s, 0.0)
         )
         metrics.cache_requests.labels("address", "hit" if cached else "miss").inc()
+        for phase, seconds in entry.phases.items():
+            metrics.connect_phase.labels(phase, cold_start).observe(seconds)
 
     def _fail(self, exc: ClientError) -> None:
         self.log.sqlstate = exc.sqlstate
         self.log.outcome = exc.kind.value
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.timeline.clock() - self.timeline.started
+        self.log.phases = dict(self.timeline.parts)
         self.state.metrics.connect_latency.labels(
             self.log.cold_start or "unknown", exc.kind.value, "none"
         ).observe(elapsed)
@@ -199,6 +204,7 @@ class Session:
 
     def _close(self) -> None:
         if self._slot is not None:
+            self.state.activity.session_ended(self._slot)
             self.state.guards.release(self._slot)
             self._slot = None
         if self._compute is not None:
@@ -223,7 +229,9 @@ class Session:
             startup_timeout=s.startup_timeout,
             stream_box=self._stream_box,
         )
-        self.log.startup_s = time.perf_counter() - self.started
+        if hello.tls_done is not None:
+            self.timeline.mark("tls", at=hello.tls_done)
+        self.timeline.mark("startup")
         if hello.cancel is not None:
             target = await self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
             if target is not None:
@@ -257,6 +265,7 @@ class Session:
             hello.tls.server_name if hello.tls else None, options_endpoint, s.domain
         )
         password_form: PasswordForm | None = None
+        self.timeline.mark("admit")
         if route is None:
             # Neither SNI nor options: the password form `endpoint=<id>;<password>`.
             # Only asked for over TLS (or where plaintext was explicitly allowed).
@@ -264,12 +273,14 @@ class Session:
                 stream, reader, step_timeout=s.auth_step_timeout
             )
             password_form = parse_password_form(password)
+            self.timeline.mark("auth")
         route = resolve_with_password(route, password_form, s.domain)
         endpoint = route.endpoint_id
         self.log.endpoint, self.log.role = endpoint, user
         compute_params = forwarded_parameters(startup, options_rest)
         failure_key = auth_failure_key(self.log.client.rpartition(":")[0], endpoint)
         await self._admit(endpoint, failure_key)
+        self.timeline.mark("admit")
 
         # Step 4 (with 5 overlapped): the wake starts first, so that on a fresh
         # endpoint it and the verifier's fetch are concurrent control API calls.
@@ -278,9 +289,9 @@ class Session:
         compute: ComputeSession | None = None
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
+            self.timeline.mark("verifier")
             if role.secret is not None and password_form is None:
                 early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
-            auth_started = time.perf_counter()
             try:
                 if password_form is not None:
                     client_key = await verify_cleartext(
@@ -303,7 +314,7 @@ class Session:
                     await self.state.limits.auth_failures.record_failure(failure_key)
                 raise
             stream.write(messages.auth_ok())
-            self.log.auth_s = time.perf_counter() - auth_started
+            self.timeline.mark("auth")
             assert role.secret is not None  # a mock exchange never succeeds
 
             # Steps 6–7: address (cached or woken) and compute login, with one retry
@@ -349,9 +360,19 @@ class Session:
     async def _await_wake(self, wake: asyncio.Task[Woken], endpoint: str, stream: Stream) -> Woken:
         done, _ = await asyncio.wait({wake}, timeout=self.settings.wake_notice_after)
         if not done:
-            stream.write(
-                messages.notice_response(f'waking endpoint "{endpoint}"; the database is starting')
+            # Slow: say "waking" only if a compute is really being started (an active
+            # endpoint's lookup can be slow too, and the NOTICE shows up in output).
+            starting = asyncio.create_task(
+                self.state.wake.starting(endpoint, timeout=self.settings.control_timeout)
             )
+            try:
+                await asyncio.wait({wake, starting}, return_when=asyncio.FIRST_COMPLETED)
+                if not wake.done() and await starting:
+                    stream.write(messages.notice_response(
+                        f'waking endpoint "{endpoint}"; the database is starting'
+                    ))
+            finally:
+                starting.cancel()
         return await wake
 
     async def _connect_compute(
@@ -365,13 +386,15 @@ class Session:
         early: asyncio.Task[ComputeSession | None] | None = None,
     ) -> ComputeSession:
         stream = self._stream_box[0]
-        waited = time.perf_counter()
+        timeline = self.timeline
         # A session slot under the endpoint's cap (queueing, then 53300), held to the end.
         if self._slot is None:
             await self.state.guards.acquire(endpoint)
             self._slot = endpoint
+            self.state.activity.session_started(endpoint)
+        timeline.mark("queue")
         woken = await self._await_wake(wake, endpoint, stream)
-        self.log.wake_wait_s = time.perf_counter() - waited
+        timeline.mark("wake")
         opened: ComputeSession | None = None
         if early is not None:
             with contextlib.suppress(ComputeUnreachable, ClientError):
@@ -379,7 +402,6 @@ class Session:
         for attempt in range(4):
             self.log.cold_start = woken.cold_start
             try:
-                login_started = time.perf_counter()
                 async with self.state.guards.connecting(woken.address):
                     if opened is not None and opened.address == woken.address:
                         session, opened = opened, None
@@ -401,7 +423,7 @@ class Session:
                             * (attempt + 1),
                             login_timeout=self.settings.compute_login_timeout,
                         )
-                self.log.compute_s = time.perf_counter() - login_started
+                timeline.mark("compute")
                 return session
             except ComputeUnreachable as exc:
                 log.info("session %d: compute %s unreachable: %s",
@@ -410,7 +432,7 @@ class Session:
                 # 57P03/57P01: starting up or shutting down (a suspend raced us);
                 # 28P01 from a *cached* address: the port now belongs to another compute.
                 stale = exc.sqlstate in ("57P03", "57P01") or (
-                    exc.sqlstate in ("28P01", "28000") and woken.cold_start == "cached"
+                    exc.sqlstate in ("28P01", "28000") and woken.cold_start in ("cached", "stale")
                 )
                 if not stale:
                     raise ClientError(
@@ -418,12 +440,14 @@ class Session:
                         sqlstate=exc.sqlstate, hint=exc.fields.get("H"),
                         detail=exc.fields.get("D"),
                     ) from None
+            timeline.mark("compute")
             await self.state.wake.invalidate(endpoint)
             if attempt:
                 await asyncio.sleep(0.02 * 2**attempt)  # backoff after the immediate retry
             woken = await self._await_wake(
                 asyncio.create_task(self._wake(endpoint)), endpoint, stream
             )
+            timeline.mark("wake")
         raise ClientError(
             Kind.WAKE,
             f'endpoint "{endpoint}" is not accepting connections yet',
@@ -444,6 +468,7 @@ class Session:
             if not self.state.guards.try_acquire(endpoint):
                 return None
             self._slot = endpoint
+            self.state.activity.session_started(endpoint)
         async with self.state.guards.connecting(woken.address):
             return await open_session(
                 woken.address, params, connect_timeout=self.settings.compute_connect_timeout
@@ -455,16 +480,17 @@ class Session:
         self, hello: ClientHello, reader: MessageReader, compute: ComputeSession, minor: int
     ) -> None:
         stream = hello.stream
-        for message in compute.parameters:
-            stream.write(message)
-        for message in compute.notices:
-            stream.write(message)
         target = CancelTarget(compute.address, compute.backend_pid, compute.backend_secret)
         key = await self.state.cancels.issue(target, long_secret=minor >= 2)
-        stream.write(messages.backend_key_data(key.pid, key.secret))
+        greeting = [*compute.parameters, *compute.notices,
+                    messages.backend_key_data(key.pid, key.secret)]
+        self.timeline.mark("finish")
+        self._observe_ready()
         if self.want_timing:
-            self._send_timing(stream)
-        stream.write(messages.ready_for_query(b"I"))
+            greeting.extend(self._timing_messages())
+        greeting.append(messages.ready_for_query(b"I"))
+        # One write: one TLS record and one syscall for the ~15 messages, not one each.
+        stream.write(b"".join(greeting))
         assert stream.transport is not None
         splice = Splice(
             stream.transport,
@@ -476,6 +502,7 @@ class Session:
             ),
         )
         self.state.splices.add(splice)
+        self.state.activity.attach(self.log.endpoint or "", splice)
         try:
             splice.start(
                 client_pending=reader.take_trailing() + stream.take_buffered(),
@@ -488,6 +515,7 @@ class Session:
                 self.state.metrics.connections_active.dec()
         finally:
             self.state.splices.discard(splice)
+            self.state.activity.detach(splice)
             await self.state.cancels.release(key)
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
@@ -497,23 +525,17 @@ class Session:
             await send_cancel(target)
 
 
-    def _send_timing(self, stream: Stream) -> None:
-        """`options=pgwake_timing=on`: the connect-time breakdown, for programs
-        (ParameterStatus `pgwake.timing`) and for people (a NOTICE psql prints)."""
-        entry = self.log
-        ready = time.perf_counter() - self.started
-
-        def ms(value: float | None) -> str:
-            return "-" if value is None else f"{value * 1000:.1f}"
-
-        breakdown = (
-            f"total={ms(ready)}ms startup={ms(entry.startup_s)}ms auth={ms(entry.auth_s)}ms "
-            f"wake_wait={ms(entry.wake_wait_s)}ms compute_login={ms(entry.compute_s)}ms "
-            f"cold_start={entry.cold_start}"
-        )
-        stream.write(messages.parameter_status("pgwake.timing", breakdown))
-        stream.write(messages.parameter_status("pgwake.cold_start", entry.cold_start or "-"))
-        stream.write(messages.notice_response(f"pgwake connect timing: {breakdown}"))
+    def _timing_messages(self) -> list[bytes]:
+        """`options=pgwake_timing=on`: the connect-time breakdown (parts that add up to
+        the total), for programs (ParameterStatus `pgwake.timing`) and for people (a
+        NOTICE psql prints)."""
+        cold_start = self.log.cold_start or "-"
+        breakdown = f"{self.timeline.text()} cold_start={cold_start}"
+        return [
+            messages.parameter_status("pgwake.timing", breakdown),
+            messages.parameter_status("pgwake.cold_start", cold_start),
+            messages.notice_response(f"pgwake connect timing: {breakdown}"),
+        ]
 
 
 def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str, str]:

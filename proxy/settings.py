@@ -27,6 +27,10 @@ class ProxySettings:
     wake_notice_after: float = 0.25
     role_cache_ttl: float = 30.0
     address_cache_ttl: float = 60.0
+    # A busy endpoint's address is refreshed in the background after this share of its TTL.
+    address_refresh_after: float = 0.75
+    # Control plane unreachable: serve an endpoint's last known address up to this old.
+    stale_address_max_age: float = 600.0
     drain_timeout: float = 10.0
     backlog: int = 1024
     # Connections still in the handshake; past this new ones get 53300 and are closed.

@@ -53,6 +53,7 @@ class SharedState(Protocol):
     async def get_address(self, endpoint_id: str) -> CachedAddress | None: ...
     async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None: ...
     async def invalidate(self, endpoint_id: str) -> None: ...
+    def stale_address(self, endpoint_id: str, max_age: float) -> CachedAddress | None: ...
     async def try_lock(self, endpoint_id: str, token: str, expiry: float) -> bool: ...
     async def unlock(self, endpoint_id: str, token: str) -> None: ...
     def waiter(self, endpoint_id: str) -> asyncio.Event: ...
@@ -75,6 +76,9 @@ class LocalShared:
         self.clock = clock
         self.errors = 0
         self._addresses: dict[str, tuple[float, CachedAddress]] = {}
+        # The last address seen per endpoint and when, kept past its TTL for when the
+        # control plane cannot be asked; any invalidation drops it.
+        self._last_known: dict[str, tuple[float, CachedAddress]] = {}
         self._locks: dict[str, tuple[float, str]] = {}
         self._woken: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
@@ -98,18 +102,41 @@ class LocalShared:
         return entry[1]
 
     async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
-        self._addresses[endpoint_id] = (self.clock() + ttl, value)
+        self.keep(endpoint_id, value, ttl)
         self.announce(endpoint_id)
+
+    def keep(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
+        now = self.clock()
+        self._addresses[endpoint_id] = (now + ttl, value)
+        self._last_known[endpoint_id] = (now, value)
 
     async def invalidate(self, endpoint_id: str) -> None:
         self.forget(endpoint_id)
 
+    def stale_address(self, endpoint_id: str, max_age: float) -> CachedAddress | None:
+        entry = self._last_known.get(endpoint_id)
+        if entry is None:
+            return None
+        if self.clock() - entry[0] > max_age:
+            del self._last_known[endpoint_id]
+            return None
+        return entry[1]
+
+    def forget_older(self, endpoint_id: str, age: float) -> None:
+        """Drop the endpoint's address if it was stored more than `age` seconds ago (a
+        late invalidation must not drop an address cached after it)."""
+        entry = self._last_known.get(endpoint_id)
+        if entry is not None and self.clock() - entry[0] >= age:
+            self.forget(endpoint_id)
+
     def forget(self, endpoint_id: str | None) -> None:
-        """Drop a cached address (all of them for None)."""
+        """Drop a cached address (all of them for None), stale copies included."""
         if endpoint_id is None:
             self._addresses.clear()
+            self._last_known.clear()
         else:
             self._addresses.pop(endpoint_id, None)
+            self._last_known.pop(endpoint_id, None)
 
     # The wake lock: one wake per endpoint; others wait to be told it is done.
 
@@ -314,7 +341,7 @@ class RedisShared:
         except (ValueError, KeyError, TypeError):
             return None
         if ttl_left > 0:
-            self.local._addresses[endpoint_id] = (self.clock() + ttl_left, value)
+            self.local.keep(endpoint_id, value, ttl_left)
         return value
 
     async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
@@ -351,6 +378,9 @@ class RedisShared:
             await self._redis.publish(INVALIDATION_CHANNEL, f"unlocked:{endpoint_id}")
 
         await self._call("unlock", release)
+
+    def stale_address(self, endpoint_id: str, max_age: float) -> CachedAddress | None:
+        return self.local.stale_address(endpoint_id, max_age)
 
     def waiter(self, endpoint_id: str) -> asyncio.Event:
         return self.local.waiter(endpoint_id)

@@ -9,6 +9,7 @@ never makes the proxy buffer without bound.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class SpliceResult:
 class _Side(asyncio.Protocol):
     """Receives from its own transport and writes to the peer's."""
 
-    __slots__ = ("bytes", "eof", "last", "name", "other", "peer", "splice", "tls", "write")
+    __slots__ = ("at", "bytes", "eof", "last", "name", "other", "peer", "splice", "tls", "write")
 
     def __init__(self, splice: Splice, name: str, tls: bool):
         self.splice = splice
@@ -43,12 +44,14 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.last = b""  # the latest chunk, by reference: its tail is read once, at the end
         self.write: Callable[[bytes], object] = _not_started
+        self.at = 0.0  # time.monotonic() of the latest chunk: the activity report reads it
 
     # The hot path: one call per chunk each way. Keep it to a counter, a
-    # reference and the peer's bound write method (no slicing, no lookups).
+    # reference, a clock read and the peer's bound write method (no slicing).
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
         self.last = data
+        self.at = _monotonic()
         self.write(data)
 
     def eof_received(self) -> bool:
@@ -143,6 +146,11 @@ class Splice:
         self.client.abort()
         self.compute.abort()
 
+    @property
+    def client_active_at(self) -> float:
+        """time.monotonic() of the client's latest bytes (0.0: none yet)."""
+        return self._client_side.at
+
     async def wait(self) -> SpliceResult:
         closed_by = await self._done
         return SpliceResult(
@@ -151,6 +159,9 @@ class Splice:
             client_terminated=self._client_side.last.endswith(TERMINATE),
             closed_by=closed_by,
         )
+
+
+_monotonic = time.monotonic
 
 
 def _not_started(data: bytes) -> None:

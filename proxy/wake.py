@@ -1,5 +1,10 @@
 """The wake path: cache → per-endpoint lock → cache again → rate limit → control API → cache.
 
+Busy endpoints' addresses are refreshed in the background before they expire,
+so an active endpoint's connects never wait on the control API. While the
+control API is unreachable, an endpoint's last known address is served stale
+(up to `stale_address_max_age`, counted), and dropped by any invalidation.
+
 Reads like Neon's. In this process one task per endpoint does the work and
 every session of that endpoint awaits it; across replicas the shared state's
 wake lock (with expiry, so a crashed holder does not block anyone) lets one
@@ -19,13 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.errors import ClientError, Kind
+from proxy.errors import ClientError, Kind, control_plane_unavailable
 from proxy.settings import ProxySettings
 from proxy.shared import CachedAddress, SharedState, jittered
 from wakeup.api import ComputeAddress, ControlAPIError, ControlClient
 
 log = logging.getLogger(__name__)
 
+# Refresh-due times kept for at most this many endpoints' addresses (then pruned).
+MAX_TRACKED = 10_000
 # Waiting for another replica's wake: re-check this often in case its
 # announcement was lost (Redis hiccup) or it crashed holding the lock.
 WAIT_SLICE = 0.5
@@ -34,7 +41,7 @@ WAIT_SLICE = 0.5
 @dataclass(frozen=True)
 class Woken:
     address: ComputeAddress
-    cold_start: str  # warm | resumed | pool_hit | pool_miss | cached
+    cold_start: str  # warm | resumed | pool_hit | pool_miss | cached | stale
     generation: int
 
 
@@ -60,14 +67,24 @@ class WakeClient:
         self._replica = secrets.token_hex(6)
         self.wake_calls = 0  # control API wake calls made by this replica
         self.rate_limited = 0  # times a wake waited for a rate-bucket token
+        self.stale_served = 0  # addresses served past their TTL, control plane unreachable
+        self.refreshes = 0  # background refreshes of busy endpoints' addresses
+        # endpoint → when its cached address is due a background refresh (a busy
+        # endpoint's entry is renewed before it expires, never waited for).
+        self._refresh_at: dict[str, float] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def address(self, endpoint_id: str, *, timeout: float) -> Woken:
         cached = await self.shared.get_address(endpoint_id)
         if cached is not None:
+            self._maybe_refresh(endpoint_id)
             return _cached(cached)
         negative = self._negative.get(endpoint_id)
         if negative is not None:
             if negative[0] > self.clock():
+                stale = self._stale(endpoint_id)
+                if stale is not None:
+                    return stale
                 raise negative[1]
             del self._negative[endpoint_id]
         task = self._inflight.get(endpoint_id)
@@ -155,20 +172,78 @@ class WakeClient:
                 self._negative[endpoint_id] = (
                     self.clock() + self.settings.negative_cache_ttl, error
                 )
+            if error.kind is Kind.CONTROL_PLANE:
+                stale = self._stale(endpoint_id)
+                if stale is not None:
+                    return stale
             raise error from exc
         woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation)
-        await self.shared.put_address(
-            endpoint_id,
-            CachedAddress(woken.address, woken.generation),
-            jittered(self.settings.address_cache_ttl),
-        )
+        await self._put(endpoint_id, woken.address, woken.generation)
         return woken
 
+    async def _put(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
+        ttl = jittered(self.settings.address_cache_ttl)
+        await self.shared.put_address(endpoint_id, CachedAddress(address, generation), ttl)
+        self._refresh_at[endpoint_id] = self.clock() + ttl * self.settings.address_refresh_after
+
+    def _stale(self, endpoint_id: str) -> Woken | None:
+        """The last address this proxy knew, when the control plane cannot be asked."""
+        value = self.shared.stale_address(endpoint_id, self.settings.stale_address_max_age)
+        if value is None:
+            return None
+        self.stale_served += 1
+        log.warning("control plane unreachable: serving %s's last known address", endpoint_id)
+        return Woken(value.address, "stale", value.generation)
+
+    def _maybe_refresh(self, endpoint_id: str) -> None:
+        """Renew a busy endpoint's address in the background once it is due."""
+        now = self.clock()
+        due = self._refresh_at.get(endpoint_id)
+        if due is None:
+            # Cached by another replica: count its age from now.
+            if len(self._refresh_at) > 4 * MAX_TRACKED:
+                self._refresh_at = {k: v for k, v in self._refresh_at.items() if v > now}
+            self._refresh_at[endpoint_id] = now + (
+                self.settings.address_cache_ttl * self.settings.address_refresh_after
+            )
+            return
+        if due > now or endpoint_id in self._refreshing or endpoint_id in self._inflight:
+            return
+        task = asyncio.create_task(self._refresh(endpoint_id), name=f"refresh:{endpoint_id}")
+        self._refreshing[endpoint_id] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(endpoint_id, None))
+
+    async def _refresh(self, endpoint_id: str) -> None:
+        deadline = asyncio.get_running_loop().time() + self.settings.control_timeout
+        try:
+            await self._rate_limit(endpoint_id, deadline)
+            self.refreshes += 1
+            await self._call_control(endpoint_id, deadline)
+        except (ClientError, TimeoutError) as exc:
+            # The entry stays until its TTL; the next connect after that wakes as usual.
+            log.info("refresh of %s's address failed: %s", endpoint_id, exc)
+
+    async def prime(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
+        """An address the control plane pushed (a new endpoint): no wake call on first
+        connect."""
+        await self._put(endpoint_id, address, generation)
+
     async def invalidate(self, endpoint_id: str) -> None:
+        self._refresh_at.pop(endpoint_id, None)
         await self.shared.invalidate(endpoint_id)
 
+    async def starting(self, endpoint_id: str, timeout: float) -> bool:
+        """Is a compute really being started for the endpoint (not a slow lookup of an
+        active one)? Asked only when a wake is slow, to decide on the NOTICE."""
+        try:
+            endpoint = await self.control.get_endpoint(endpoint_id, timeout=timeout)
+        except ControlAPIError:
+            return False
+        return endpoint.state in ("suspended", "suspending", "starting", "handoff")
+
+
     async def close(self) -> None:
-        tasks = list(self._inflight.values())
+        tasks = [*self._inflight.values(), *self._refreshing.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -178,12 +253,16 @@ def control_error(endpoint_id: str, exc: ControlAPIError) -> ClientError:
     """Translate a control API answer into what the client should see."""
     if exc.code == "endpoint_not_found":
         return ClientError(Kind.UNKNOWN_ENDPOINT, f'endpoint "{endpoint_id}" does not exist')
+    if exc.code in ("wake_failed", "provisioner_error"):
+        # The control plane answered: it is the compute that did not start.
+        log.warning("wake of %s failed: %s", endpoint_id, exc)
+        return ClientError(
+            Kind.WAKE,
+            f'could not start the database of endpoint "{endpoint_id}"',
+            hint="Retry the connection.",
+        )
     if exc.unavailable:
         log.warning("control API error for %s: %s", endpoint_id, exc)
-        return ClientError(
-            Kind.CONTROL_PLANE,
-            f'could not wake endpoint "{endpoint_id}": the control plane is unavailable',
-            hint="This is temporary; retry the connection.",
-        )
+        return control_plane_unavailable(endpoint_id)
     log.error("unexpected control API answer for %s: %s", endpoint_id, exc)
     return ClientError(Kind.INTERNAL, f'could not look up endpoint "{endpoint_id}"')

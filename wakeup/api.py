@@ -146,12 +146,27 @@ class Activity(BaseModel):
     compute itself can tell. A proxy that tracks it should report soon after an
     endpoint enters `handoff` (its cached address is invalidated then): the
     drain waits for a report newer than the freeze.
+
+    `last_active` (endpoint → Unix time) is the latest session start, end or
+    client traffic since the previous report; `started` counts sessions begun
+    since then; `interval` is how often this proxy reports (so the janitor knows
+    how stale the news can be).
     """
 
     proxy_id: str
     connections: dict[str, int]
     ttl: float = 3.0
     pinned: dict[str, int] | None = None
+    last_active: dict[str, float] = {}
+    started: dict[str, int] = {}
+    interval: float = 0.0
+
+
+class ActivityAnswer(BaseModel):
+    """Endpoints whose addresses stopped being valid since the proxy's previous report
+    (endpoint → seconds ago): drop cached copies older than that."""
+
+    invalidated: dict[str, float] = {}
 
 
 class ApiErrorBody(BaseModel):
@@ -246,8 +261,10 @@ class ControlClient:
     async def pool(self) -> Pool:
         return Pool.model_validate(await self._call("GET", "/pool"))
 
-    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
-        return Endpoint.model_validate(await self._call("GET", f"/endpoints/{endpoint_id}"))
+    async def get_endpoint(self, endpoint_id: str, *, timeout: float | None = None) -> Endpoint:
+        return Endpoint.model_validate(
+            await self._call("GET", f"/endpoints/{endpoint_id}", timeout=timeout)
+        )
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         await self._call("DELETE", f"/endpoints/{endpoint_id}")
@@ -276,9 +293,13 @@ class ControlClient:
 
     async def report_activity(
         self, proxy_id: str, connections: dict[str, int], *, ttl: float,
-        timeout: float | None = None, pinned: dict[str, int] | None = None,
-    ) -> None:
+        timeout: float | None = None, last_active: dict[str, float] | None = None,
+        started: dict[str, int] | None = None, interval: float = 0.0,
+        pinned: dict[str, int] | None = None,
+    ) -> ActivityAnswer:
         body = Activity(
-            proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned
+            proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned,
+            last_active=last_active or {}, started=started or {}, interval=interval,
         ).model_dump()
-        await self._call("POST", "/activity", json=body, timeout=timeout)
+        answer = await self._call("POST", "/activity", json=body, timeout=timeout)
+        return ActivityAnswer.model_validate(answer or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -58,6 +59,18 @@ class Created:
 
 
 @dataclass(frozen=True)
+class EndpointReady:
+    """What a proxy needs to let a client in without asking the control API: pushed
+    to the proxies' caches when an endpoint is created (or its pooled compute claimed)."""
+
+    endpoint_id: str
+    role: str
+    verifier: str
+    address: ComputeAddress
+    generation: int
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
@@ -96,9 +109,24 @@ class ControlPlane:
         # Endpoints whose handoff has begun: no wake hands out their address, even
         # before the control DB says `handoff` (see wakeup/handoff.py, freeze).
         self.frozen: set[str] = set()
+        # proxy id → (expires, its report interval): how late news of activity can be.
+        self._report_lag: dict[str, tuple[float, float]] = {}
         # Called with an endpoint id when its address stops being valid (suspend,
         # delete): the Redis publisher that tells every proxy to drop its cache.
         self.invalidation_listeners: list[Callable[[str], Awaitable[None]]] = []
+        # Called when a new endpoint can take connections: the in-process proxy's
+        # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
+        # new endpoint's first connect makes no control-API call.
+        self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
+        # Called with (endpoint, role, verifier) when a password changes: a proxy that
+        # was handed the old verifier at creation must not keep checking against it.
+        self.verifier_listeners: list[Callable[[str, str, str], Awaitable[None]]] = []
+        # Recent invalidations (clock, endpoint), told to each proxy in the answer to its
+        # next activity report: how a proxy without Redis learns of suspends.
+        self._invalidated: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=10_000
+        )
+        self._reported_at: dict[str, float] = {}  # proxy id → its previous report
 
     def _lock(self, endpoint_id: str) -> asyncio.Lock:
         lock = self._locks.get(endpoint_id)
@@ -169,6 +197,7 @@ class ControlPlane:
             if claimed is not None:
                 self.metrics.pool_claims.labels(ColdStart.POOL_HIT.value).inc()
                 endpoint, pooled_password = claimed
+                await self._announce(endpoint)
                 return Created(
                     endpoint, DEFAULT_ROLE, pooled_password, ColdStart.POOL_HIT,
                     self.clock() - started,
@@ -194,6 +223,7 @@ class ControlPlane:
                 await self.store.mark_deleted(endpoint_id)
                 await self.provisioner.destroy(compute_id, tier)
                 raise
+        await self._announce(endpoint)
         return Created(
             endpoint, DEFAULT_ROLE, password, ColdStart.POOL_MISS, self.clock() - started
         )
@@ -283,7 +313,13 @@ class ControlPlane:
     async def set_password(self, endpoint_id: str, role: str, password: str) -> int:
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
-            version = await self.store.set_verifier(endpoint_id, role, scram_verifier(password))
+            verifier = scram_verifier(password)
+            version = await self.store.set_verifier(endpoint_id, role, verifier)
+            for listener in self.verifier_listeners:
+                try:
+                    await listener(endpoint_id, role, verifier)
+                except Exception as exc:  # the proxy still refetches after a failed login
+                    log.warning("new verifier of %s not pushed: %r", endpoint_id, exc)
             if endpoint.state is State.ACTIVE:
                 await self._apply_config_if_changed(await self._endpoint(endpoint_id))
             return version
@@ -293,12 +329,15 @@ class ControlPlane:
         endpoint = await self._endpoint(endpoint_id)
         warm = await self._warm_address(endpoint)
         if warm is not None:
+            # A wake asked for is activity: the idle clock starts again.
+            await self.store.touch(endpoint_id)
             return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started)
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             warm = await self._warm_address(endpoint)
             if warm is not None:
                 # Someone else's wake finished while we queued for the lock.
+                await self.store.touch(endpoint_id)
                 return WakeResult(
                     warm, endpoint.generation, ColdStart.WARM, self.clock() - started
                 )
@@ -430,26 +469,61 @@ class ControlPlane:
     async def invalidate(self, endpoint_id: str) -> None:
         await self._invalidate(endpoint_id)
 
+    async def _announce(self, endpoint: EndpointRow) -> None:
+        if not self.ready_listeners or endpoint.address is None:
+            return
+        verifier = await self.store.get_verifier(endpoint.id, endpoint.owner_role)
+        if verifier is None:
+            return
+        ready = EndpointReady(
+            endpoint.id, endpoint.owner_role, verifier,
+            ComputeAddress.parse(endpoint.address), endpoint.generation,
+        )
+        for listener in self.ready_listeners:
+            try:
+                await listener(ready)
+            except Exception as exc:  # a missed announcement only costs one API call
+                log.warning("endpoint %s not announced to proxies: %r", endpoint.id, exc)
+
     async def _invalidate(self, endpoint_id: str) -> None:
+        self._invalidated.append((self.clock(), endpoint_id))
         for listener in self.invalidation_listeners:
             try:
                 await listener(endpoint_id)
             except Exception as exc:  # a missed invalidation only costs a retry
                 log.warning("invalidation of %s not published: %r", endpoint_id, exc)
 
-    def record_activity(
+    async def record_activity(
         self, proxy_id: str, connections: dict[str, int], ttl: float,
+        *, last_active: dict[str, float] | None = None, interval: float = 0.0,
         pinned: dict[str, int] | None = None,
-    ) -> None:
+    ) -> dict[str, float]:
+        """Record a proxy's report; answer with the endpoints whose addresses became
+        invalid since its previous one (endpoint → seconds ago)."""
         now = self.clock()
+        since = self._reported_at.get(proxy_id)
+        invalidated: dict[str, float] = {}
+        if since is not None:
+            for at, endpoint_id in reversed(self._invalidated):
+                if at < since - 1.0:  # a second of overlap: a report may cross a suspend
+                    break
+                invalidated.setdefault(endpoint_id, now - at)
+        expires = now + max(0.0, min(ttl, 60.0))
         self._activity = {k: v for k, v in self._activity.items() if v[0] > now}
-        self._activity[proxy_id] = (now + max(0.0, min(ttl, 60.0)), dict(connections))
+        self._activity[proxy_id] = (expires, dict(connections))
+        self._report_lag = {k: v for k, v in self._report_lag.items() if v[0] > now}
+        self._report_lag[proxy_id] = (expires, max(0.0, min(interval, 60.0)))
+        self._reported_at = {k: v for k, v in self._reported_at.items() if v > now - 60.0}
+        self._reported_at[proxy_id] = now
         self._pinned = {k: v for k, v in self._pinned.items() if v[0] > now}
         if pinned is not None:
-            self._pinned[proxy_id] = (now + max(0.0, min(ttl, 60.0)), now, dict(pinned))
+            self._pinned[proxy_id] = (expires, now, dict(pinned))
         # Wake a handoff's drain that waits for pinned sessions to go.
         self._activity_event.set()
         self._activity_event = asyncio.Event()
+        # Sessions that came and went between two reports still moved the idle clock.
+        await self.store.touch_many(last_active or {})
+        return invalidated
 
     async def activity_changed(self, timeout: float) -> None:
         """Wait for the next activity report, at most `timeout` seconds."""
@@ -484,6 +558,12 @@ class ControlPlane:
                     count = max(count, 1)
             total += count
         return total
+
+    def activity_lag(self) -> float:
+        """How long a proxy may sit on news of activity (its report interval)."""
+        now = self.clock()
+        return max((lag for expires, lag in self._report_lag.values() if expires > now),
+                   default=0.0)
 
     def reported_connections(self, endpoint_id: str) -> int:
         """Live client sessions for the endpoint, summed over proxies' unexpired reports."""

@@ -1,12 +1,17 @@
-"""Publishes address invalidations to proxies over Redis pub/sub (suspend, delete)."""
+"""Tells proxies over Redis about addresses: invalid (suspend, delete), or ready (create)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import time
 from typing import Any
 
 from wakeup.api import INVALIDATION_CHANNEL
+
+# How long a pushed address stays in the shared cache (the proxies' default TTL).
+ANNOUNCED_ADDRESS_TTL = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,14 @@ class RedisInvalidations:
         await self._redis.delete(f"pgwake:addr:{endpoint_id}")
         await self._redis.publish(INVALIDATION_CHANNEL, f"invalidate:{endpoint_id}")
         self.published += 1
+
+    async def announce(self, endpoint_id: str, address: str, generation: int) -> None:
+        """A new endpoint's address, in the shared cache before any proxy asks for it."""
+        body = json.dumps({"address": address, "generation": generation,
+                           "expires": time.time() + ANNOUNCED_ADDRESS_TTL})
+        await self._redis.set(f"pgwake:addr:{endpoint_id}", body,
+                              px=int(ANNOUNCED_ADDRESS_TTL * 1000))
+        await self._redis.publish(INVALIDATION_CHANNEL, f"woken:{endpoint_id}")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -13,6 +13,7 @@ from wakeup.api import (
     ENDPOINT_ID_RE,
     ROLE_NAME_RE,
     Activity,
+    ActivityAnswer,
     CreatedEndpoint,
     CreateEndpoint,
     Endpoint,
@@ -215,10 +216,14 @@ def create_app(
         version = await control.set_password(checked_id(endpoint_id), role, body.password)
         return {"config_version": version}
 
-    @app.post(v1 + "/activity", dependencies=auth, status_code=204)
-    async def activity(body: Activity) -> Response:
-        control.record_activity(body.proxy_id, body.connections, body.ttl, body.pinned)
-        return Response(status_code=204)
+    @app.post(v1 + "/activity", dependencies=auth)
+    async def activity(body: Activity) -> ActivityAnswer:
+        invalidated = await control.record_activity(
+            body.proxy_id, body.connections, body.ttl,
+            last_active={k: v for k, v in body.last_active.items() if ENDPOINT_ID_RE.fullmatch(k)},
+            interval=body.interval, pinned=body.pinned,
+        )
+        return ActivityAnswer(invalidated=invalidated)
 
     @app.get(v1 + "/pool", dependencies=auth)
     async def pool() -> Pool:

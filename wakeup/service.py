@@ -16,7 +16,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from wakeup.control import ControlPlane, ControlSettings
+from wakeup.control import ControlPlane, ControlSettings, EndpointReady
 from wakeup.controldb import EmbeddedControlDB
 from wakeup.invalidations import RedisInvalidations
 from wakeup.metrics import ControlMetrics
@@ -113,6 +113,14 @@ class ControlService:
         if s.redis_url:
             self.invalidations = RedisInvalidations(s.redis_url)
             self.control.invalidation_listeners.append(self.invalidations)
+            invalidations = self.invalidations
+
+            async def announce(ready: EndpointReady) -> None:
+                await invalidations.announce(
+                    ready.endpoint_id, str(ready.address), ready.generation
+                )
+
+            self.control.ready_listeners.append(announce)
         app = create_app(
             self.control,
             api_key=s.api_key,

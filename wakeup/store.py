@@ -270,6 +270,19 @@ class Store:
             "update endpoints set last_active = now() where id = $1", endpoint_id
         )
 
+    async def touch_many(self, last_active: dict[str, float]) -> None:
+        """Move endpoints' idle clocks forward to the given Unix times (never back,
+        never past now): one statement for a whole activity report."""
+        if not last_active:
+            return
+        ids = list(last_active)
+        await self.pool.execute(
+            "update endpoints e set last_active = least(now(), to_timestamp(r.at))"
+            " from unnest($1::text[], $2::float8[]) as r(id, at)"
+            " where e.id = r.id and e.last_active < least(now(), to_timestamp(r.at))",
+            ids, [float(last_active[i]) for i in ids],
+        )
+
     async def mark_deleted(self, endpoint_id: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(

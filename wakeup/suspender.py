@@ -49,7 +49,11 @@ class Janitor:
                 # A proxy has a client on it (perhaps still logging in): busy.
                 await self.control.store.touch(endpoint.id)
                 continue
-            if (now - endpoint.last_active).total_seconds() < idle_timeout:
+            # Proxies report activity once per interval: wait that much longer before
+            # trusting that no news means no activity.
+            if (now - endpoint.last_active).total_seconds() < (
+                idle_timeout + self.control.activity_lag()
+            ):
                 continue
             # A suspend candidate by the proxies' reports: ask the compute itself (one
             # admin connection, only now, not every tick) before stopping it.

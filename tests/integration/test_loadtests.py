@@ -58,11 +58,18 @@ async def test_connect_scenarios_quick(tmp_path: Path, scenario: str, result_fil
     result = json.loads((tmp_path / f"{result_file}.json").read_text())
     assert result["machine"]["cpus"] >= 1
     if scenario == "suspended":
-        assert result["cold"]["stats"]
+        # Measured by a separate user process, next to the raw start, with the breakdown.
+        stats = result["cold"]["stats"]
+        assert stats["pgwake suspended (separate process)"]["n"] >= 1
+        assert stats["raw postgres start"]["n"] >= 1
+        assert "wake" in result["cold"]["wake_ready_parts_p50_ms"]
     if scenario == "herd":
         assert result["herd"]["errors"] == 0 and result["herd"]["wakes"] == 1
     if scenario == "pool":
         assert result["cold_start"]["warm_pool"] == {"pool_hit": 10}
+        # POST (urllib) + first row (psycopg, url_no_sni) from a separate process.
+        assert result["cold_start"]["user_process"] == {"pool_hit": 10}
+        assert result["stats"]["user process: POST+first row"]["n"] == 10
     assert (tmp_path / f"{result_file}.png").read_bytes().startswith(PNG_MAGIC)
 
 

@@ -91,7 +91,7 @@ async def test_client_visible_timing(stack: Up) -> None:
     # unknown command-line option, so a working session shows it never saw it.
     async with await psycopg.AsyncConnection.connect(url) as conn:
         timing = conn.info.parameter_status("pgwake.timing")
-        assert timing is not None and "total=" in timing and "wake_wait=" in timing
+        assert timing is not None and "total=" in timing and "wake=" in timing
         assert conn.info.parameter_status("pgwake.cold_start") in ("warm", "cached", "resumed")
         cur = await conn.execute("select 1")
         assert await cur.fetchone() == (1,)

@@ -23,11 +23,11 @@ def plane(clock: Clock) -> ControlPlane:
     return ControlPlane(Store(), provisioner, ControlSettings(), clock=clock)
 
 
-def test_fresh_reports_are_summed_and_expire() -> None:
+async def test_fresh_reports_are_summed_and_expire() -> None:
     clock = Clock()
     cp = plane(clock)
-    cp.record_activity("a", {"ep-1": 3}, ttl=5, pinned={"ep-1": 1})
-    cp.record_activity("b", {"ep-1": 2, "ep-2": 1}, ttl=5, pinned={"ep-1": 2})
+    await cp.record_activity("a", {"ep-1": 3}, ttl=5, pinned={"ep-1": 1})
+    await cp.record_activity("b", {"ep-1": 2, "ep-2": 1}, ttl=5, pinned={"ep-1": 2})
     assert cp.pinned_sessions("ep-1") == 3
     assert cp.reported_pinned("ep-1", since=clock.now) == 3
     assert cp.reported_pinned("ep-2", since=clock.now) == 0
@@ -36,11 +36,11 @@ def test_fresh_reports_are_summed_and_expire() -> None:
     assert cp.reported_pinned("ep-1", since=clock.now - 10) == 0
 
 
-def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
+async def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
     clock = Clock()
     cp = plane(clock)
-    cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={})
-    cp.record_activity("quiet", {"ep-2": 4}, ttl=30, pinned={})
+    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={})
+    await cp.record_activity("quiet", {"ep-2": 4}, ttl=30, pinned={})
     frozen = clock.now + 1
     clock.now = frozen + 0.5
     # "a" had sessions on ep-1 and has not spoken since the freeze: unknown, so 1.
@@ -48,13 +48,13 @@ def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
     assert cp.reported_pinned("ep-2", since=frozen) == 1  # "quiet" has sessions there
     # No proxy has a session on ep-3: nothing to wait for.
     assert cp.reported_pinned("ep-3", since=frozen) == 0
-    cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={"ep-1": 0})
+    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={"ep-1": 0})
     assert cp.reported_pinned("ep-1", since=frozen) == 0
 
 
-def test_proxies_that_do_not_track_pinning_are_not_waited_for() -> None:
+async def test_proxies_that_do_not_track_pinning_are_not_waited_for() -> None:
     clock = Clock()
     cp = plane(clock)
-    cp.record_activity("old-proxy", {"ep-1": 5}, ttl=30)  # no `pinned` field at all
+    await cp.record_activity("old-proxy", {"ep-1": 5}, ttl=30)  # no `pinned` field at all
     assert cp.reported_pinned("ep-1", since=clock.now + 1) == 0
     assert cp.reported_connections("ep-1") == 5
