@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from proxy.errors import ClientError, Kind
 from proxy.pgwire import messages
@@ -18,78 +15,10 @@ from proxy.scram import (
     ScramError,
     ScramSecret,
     ScramServer,
-    parse_verifier,
     salted_password,
     verify_password,
 )
 from proxy.stream import Stream
-from proxy.wake import control_error
-from wakeup.api import ControlAPIError, ControlClient
-
-ROLE_NOT_FOUND = "role_not_found"
-
-
-@dataclass(frozen=True)
-class RoleSecret:
-    secret: ScramSecret | None  # None: no such role (cached briefly, answered with a mock)
-
-
-class RoleCache:
-    """Verifiers fetched from the control API, kept for `ttl` (negative answers shorter)."""
-
-    def __init__(
-        self,
-        control: ControlClient,
-        ttl: float,
-        negative_ttl: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.control = control
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.clock = clock
-        self._entries: dict[tuple[str, str], tuple[float, RoleSecret]] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Future[RoleSecret]] = {}
-
-    def invalidate(self, endpoint_id: str, role: str) -> None:
-        self._entries.pop((endpoint_id, role), None)
-
-    async def get(self, endpoint_id: str, role: str, *, timeout: float) -> RoleSecret:
-        key = (endpoint_id, role)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] > self.clock():
-            return hit[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[RoleSecret] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await self._fetch(endpoint_id, role, timeout)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it themselves
-            raise
-        else:
-            future.set_result(result)
-            ttl = self.ttl if result.secret is not None else self.negative_ttl
-            self._entries[key] = (self.clock() + ttl, result)
-            return result
-        finally:
-            del self._inflight[key]
-
-    async def _fetch(self, endpoint_id: str, role: str, timeout: float) -> RoleSecret:
-        try:
-            answer = await self.control.get_role(endpoint_id, role, timeout=timeout)
-        except ControlAPIError as exc:
-            if exc.code == ROLE_NOT_FOUND:
-                return RoleSecret(None)
-            raise control_error(endpoint_id, exc) from exc
-        try:
-            return RoleSecret(parse_verifier(answer.verifier))
-        except ValueError:
-            # Not a SCRAM verifier (e.g. md5): we cannot authenticate this role.
-            return RoleSecret(None)
 
 
 async def read_message(stream: Stream, reader: MessageReader) -> tuple[bytes, bytes]:

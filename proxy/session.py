@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
+from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.compute import (
     ComputeRejected,
@@ -35,7 +35,13 @@ from proxy.pgwire.startup import (
     extract_endpoint_from_options,
     extract_option,
 )
-from proxy.ratelimit import FrontDoorLimits, auth_failure_key, whole_seconds
+from proxy.ratelimit import (
+    FrontDoorLimits,
+    auth_failure_key,
+    role_failure_key,
+    whole_seconds,
+)
+from proxy.rolecache import RoleCache
 from proxy.routing import (
     PasswordForm,
     parse_password_form,
@@ -47,6 +53,7 @@ from proxy.splice import Splice
 from proxy.stream import PeerClosed, Stream
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
+from wakeup.api import ROLE_NAME_RULE, valid_role_name
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
@@ -251,6 +258,15 @@ class Session:
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
         user = startup.params["user"]
+        if not valid_role_name(user):
+            # It cannot be a role anywhere (the control API's own rule), so saying so
+            # reveals nothing; it never reaches a cache key, a URL or a log line whole.
+            raise ClientError(
+                Kind.AUTH,
+                f'role "{user[:63]}" does not exist',
+                sqlstate="28000",
+                detail=f"This name cannot be a role: {ROLE_NAME_RULE}.",
+            )
         reader = MessageReader()
         reader.feed(hello.trailing)
         route = resolve_optional(
@@ -268,18 +284,24 @@ class Session:
         endpoint = route.endpoint_id
         self.log.endpoint, self.log.role = endpoint, user
         compute_params = forwarded_parameters(startup, options_rest)
-        failure_key = auth_failure_key(self.log.client.rpartition(":")[0], endpoint)
-        await self._admit(endpoint, failure_key)
+        failure_keys = (
+            auth_failure_key(self.log.client.rpartition(":")[0], endpoint),
+            role_failure_key(endpoint, user),
+        )
+        await self._admit(endpoint, user, failure_keys)
 
-        # Step 4 (with 5 overlapped): the wake starts first, so that on a fresh
-        # endpoint it and the verifier's fetch are concurrent control API calls.
-        wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+        # Step 4 (with 5 overlapped): the wake starts once the role is known to
+        # exist (a stranger with a made-up name costs no compute), still well
+        # before the client's SCRAM round trips, which it overlaps.
+        wake: asyncio.Task[Woken] | None = None
         early: asyncio.Task[ComputeSession | None] | None = None
         compute: ComputeSession | None = None
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
-            if role.secret is not None and password_form is None:
-                early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
+            if role.secret is not None:
+                wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+                if password_form is None:
+                    early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
             auth_started = time.perf_counter()
             try:
                 if password_form is not None:
@@ -300,11 +322,13 @@ class Session:
                 if exc.kind is Kind.AUTH:
                     # The password may have just changed: fetch it afresh next time.
                     self.state.roles.invalidate(endpoint, user)
-                    await self.state.limits.auth_failures.record_failure(failure_key)
+                    limits = self.state.limits
+                    await limits.auth_failures.record_failure(failure_keys[0])
+                    await limits.role_failures.record_failure(failure_keys[1])
                 raise
             stream.write(messages.auth_ok())
             self.log.auth_s = time.perf_counter() - auth_started
-            assert role.secret is not None  # a mock exchange never succeeds
+            assert role.secret is not None and wake is not None  # a mock never succeeds
 
             # Steps 6–7: address (cached or woken) and compute login, with one retry
             # through a fresh wake when a cached address turns out stale.
@@ -319,21 +343,34 @@ class Session:
                     opened = early.result()
                     if opened is not None and opened is not compute:
                         opened.transport.abort()  # auth failed: the early login is unused
-            wake.cancel()
-            if wake.done() and not wake.cancelled():
-                wake.exception()  # retrieved: after a failed lookup or auth it is no news
+            if wake is not None:
+                wake.cancel()
+                if wake.done() and not wake.cancelled():
+                    wake.exception()  # retrieved: after a failed auth it is no news
         self._compute = compute
         return hello, reader, compute, minor
 
-    async def _admit(self, endpoint: str, failure_key: str) -> None:
-        """The front-door limits, checked before anything costs (a verifier fetch, a wake)."""
+    async def _admit(self, endpoint: str, user: str, failure_keys: tuple[str, str]) -> None:
+        """The front-door limits, checked before anything costs (a verifier fetch, a wake).
+
+        Failures count per client address and per role: one address guessing many
+        roles, and many addresses guessing one role, both run out. Unknown roles
+        count alike, so a refusal says nothing about whether the role exists."""
         limits = self.state.limits
-        wait = await limits.auth_failures.retry_after(failure_key)
+        by_address, by_role = failure_keys
+        wait = await limits.auth_failures.retry_after(by_address)
         if wait > 0:
             raise ClientError(
                 Kind.TOO_MANY,
                 "too many failed authentication attempts; "
                 f"retry in {whole_seconds(wait)} s",
+            )
+        wait = await limits.role_failures.retry_after(by_role)
+        if wait > 0:
+            raise ClientError(
+                Kind.TOO_MANY,
+                f'too many failed authentication attempts for role "{user}" of endpoint '
+                f'"{endpoint}"; retry in {whole_seconds(wait)} s',
             )
         wait = await limits.connect_attempts.admit(f"connect:{endpoint}")
         if wait > 0:

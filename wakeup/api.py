@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -22,11 +23,32 @@ TierName = Literal["durable", "ephemeral"]
 # digits and inner hyphens, at most 63 characters. Anything else is refused
 # before it reaches a query, a path or a log line.
 ENDPOINT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Role names: the one rule for the control API and the proxy's front door. At most
+# 63 characters (PostgreSQL's NAMEDATALEN - 1), so a name is also a bounded cache key.
 ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
+ROLE_NAME_RULE = (
+    "role names are 1 to 63 letters, digits, \"_\", \"$\" or \"-\", "
+    "starting with a letter or \"_\""
+)
 
 
 def valid_endpoint_id(value: str) -> bool:
     return bool(ENDPOINT_ID_RE.fullmatch(value))
+
+
+def valid_role_name(value: str) -> bool:
+    return bool(ROLE_NAME_RE.fullmatch(value))
+
+
+def path_segment(value: str) -> str:
+    """One URL path segment that no value can turn into another path.
+
+    Percent-encoding alone is not enough: httpx resolves "." and ".." before
+    sending, and the server decodes "%2F" back into "/" before routing.
+    """
+    if value in ("", ".", "..") or "/" in value or "\\" in value:
+        raise ValueError(f"{value[:80]!r} cannot be a control API path segment")
+    return urllib.parse.quote(value, safe="")
 
 
 @dataclass(frozen=True)
@@ -165,6 +187,11 @@ class ControlClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    @staticmethod
+    def _path(*segments: str) -> str:
+        """The one place a control API path is built from values (ids, role names)."""
+        return "".join("/" + path_segment(segment) for segment in segments)
+
     async def _call(
         self, method: str, path: str, *, json: Any = None, timeout: float | None = None
     ) -> Any:
@@ -191,39 +218,46 @@ class ControlClient:
         self, name: str | None = None, tier: TierName = "durable"
     ) -> CreatedEndpoint:
         body = CreateEndpoint(name=name, tier=tier).model_dump()
-        return CreatedEndpoint.model_validate(await self._call("POST", "/endpoints", json=body))
+        created = await self._call("POST", self._path("endpoints"), json=body)
+        return CreatedEndpoint.model_validate(created)
 
     async def list_endpoints(self) -> list[Endpoint]:
-        return [Endpoint.model_validate(e) for e in await self._call("GET", "/endpoints")]
+        listed = await self._call("GET", self._path("endpoints"))
+        return [Endpoint.model_validate(e) for e in listed]
 
     async def pool(self) -> Pool:
-        return Pool.model_validate(await self._call("GET", "/pool"))
+        return Pool.model_validate(await self._call("GET", self._path("pool")))
 
     async def get_endpoint(self, endpoint_id: str) -> Endpoint:
-        return Endpoint.model_validate(await self._call("GET", f"/endpoints/{endpoint_id}"))
+        answer = await self._call("GET", self._path("endpoints", endpoint_id))
+        return Endpoint.model_validate(answer)
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
-        await self._call("DELETE", f"/endpoints/{endpoint_id}")
+        await self._call("DELETE", self._path("endpoints", endpoint_id))
 
     async def suspend(self, endpoint_id: str) -> Endpoint:
         return Endpoint.model_validate(
-            await self._call("POST", f"/endpoints/{endpoint_id}/suspend")
+            await self._call("POST", self._path("endpoints", endpoint_id, "suspend"))
         )
 
     async def wake(self, endpoint_id: str, *, timeout: float | None = None) -> Wake:
         return Wake.model_validate(
-            await self._call("POST", f"/endpoints/{endpoint_id}/wake", timeout=timeout)
+            await self._call(
+                "POST", self._path("endpoints", endpoint_id, "wake"), timeout=timeout
+            )
         )
 
     async def get_role(self, endpoint_id: str, role: str, *, timeout: float | None = None) -> Role:
         return Role.model_validate(
-            await self._call("GET", f"/endpoints/{endpoint_id}/roles/{role}", timeout=timeout)
+            await self._call(
+                "GET", self._path("endpoints", endpoint_id, "roles", role), timeout=timeout
+            )
         )
 
     async def set_password(self, endpoint_id: str, role: str, password: str) -> None:
         await self._call(
             "PUT",
-            f"/endpoints/{endpoint_id}/roles/{role}/password",
+            self._path("endpoints", endpoint_id, "roles", role, "password"),
             json=SetPassword(password=password).model_dump(),
         )
 
@@ -232,4 +266,4 @@ class ControlClient:
         timeout: float | None = None,
     ) -> None:
         body = Activity(proxy_id=proxy_id, connections=connections, ttl=ttl).model_dump()
-        await self._call("POST", "/activity", json=body, timeout=timeout)
+        await self._call("POST", self._path("activity"), json=body, timeout=timeout)
