@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from proxy.errors import ClientError, Kind
 from proxy.pgwire import messages
@@ -83,10 +84,15 @@ async def authenticate_client(
     channel_binding: bytes | None,
     mock_key: bytes,
     step_timeout: float,
+    after_server_first: Callable[[], None] | None = None,
 ) -> bytes:
     """Run SCRAM with the client; return the ClientKey recovered from its proof.
 
-    The caller sends AuthenticationOk (after this returns) when it is ready.
+    `after_server_first` runs once the server-first message is written: work
+    that only a real role gets (a wake, an early compute connection) starts
+    there, so that it overlaps the client's proof computation but cannot slow
+    the replies a prober times without a password (timing would tell real roles
+    from unknown ones). The caller sends AuthenticationOk when it is ready.
     """
     server = ScramServer(
         user, secret, nonce=os.urandom(18), channel_binding=channel_binding, mock_key=mock_key
@@ -97,6 +103,8 @@ async def authenticate_client(
             body = await expect_password_message(stream, reader, "SASLInitialResponse")
         mechanism, data = messages.parse_sasl_initial_response(body)
         stream.write(messages.auth_sasl_continue(server.client_first(mechanism, data)))
+        if after_server_first is not None:
+            after_server_first()
         async with asyncio.timeout(step_timeout):
             body = await expect_password_message(stream, reader, "SASLResponse")
         final = server.client_final(body)

@@ -290,21 +290,29 @@ class Session:
         )
         await self._admit(endpoint, user, failure_keys)
 
-        # Step 4 (with 5 overlapped): the wake starts once the role is known to
-        # exist (a stranger with a made-up name costs no compute), still well
-        # before the client's SCRAM round trips, which it overlaps.
+        # Step 4 (with 5 overlapped): the wake starts only once the role is known
+        # to exist (a stranger with a made-up name costs no compute), and with
+        # SCRAM only after the server-first message is out: it then overlaps the
+        # client's proof computation, while the replies a prober can time for
+        # free are sent before any work that only real roles get.
         wake: asyncio.Task[Woken] | None = None
         early: asyncio.Task[ComputeSession | None] | None = None
         compute: ComputeSession | None = None
+
+        def start_wake() -> None:
+            nonlocal wake, early
+            if role.secret is None or wake is not None:
+                return
+            wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+            if password_form is None:
+                early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
+
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
-            if role.secret is not None:
-                wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
-                if password_form is None:
-                    early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
             auth_started = time.perf_counter()
             try:
                 if password_form is not None:
+                    start_wake()  # the password check below takes a PBKDF2's time
                     client_key = await verify_cleartext(
                         user, role.secret, password_form.password, mock_key=self.state.mock_key
                     )
@@ -317,6 +325,7 @@ class Session:
                         channel_binding=hello.tls.end_point_hash if hello.tls else None,
                         mock_key=self.state.mock_key,
                         step_timeout=s.auth_step_timeout,
+                        after_server_first=start_wake,
                     )
             except ClientError as exc:
                 if exc.kind is Kind.AUTH:

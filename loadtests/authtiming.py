@@ -1,0 +1,116 @@
+"""Can a stranger tell a real role from an unknown one by timing the proxy's SCRAM replies?
+
+A prober that knows no password connects over TLS (SNI), sends a StartupMessage,
+and times the proxy's first two replies: the AuthenticationSASL request (timed
+from the StartupMessage) and the server-first message (timed from the
+SASLInitialResponse). Then it hangs up, as a prober would: no failed login is
+recorded, so the front door's failure limits do not stop the run. Samples
+alternate between the endpoint's real role and an unknown name, against an
+awake endpoint (its compute running, as when an attacker probes a live
+database). Run it with `python -m loadtests.authtiming [--samples 250]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtests.connect import timed_connect
+from loadtests.stack import running_stack
+from loadtests.stats import print_table, summary, write_result
+from proxy.pgwire import messages
+from proxy.pgwire.codec import MessageReader
+
+DOMAIN = "pgwake.localhost"
+
+
+async def _read_message(
+    reader: asyncio.StreamReader, parser: MessageReader
+) -> tuple[bytes, bytes]:
+    while (message := parser.next_message()) is None:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("proxy closed the connection")
+        parser.feed(data)
+    return message
+
+
+async def probe(port: int, endpoint_id: str, user: str, tls: ssl.SSLContext) -> tuple[float, float]:
+    """(StartupMessage → AuthenticationSASL, SASLInitialResponse → server-first), seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(messages.ssl_request())
+        await writer.drain()
+        assert await reader.readexactly(1) == b"S"
+        await writer.start_tls(tls, server_hostname=f"{endpoint_id}.{DOMAIN}")
+        parser = MessageReader()
+        started = time.perf_counter()
+        writer.write(messages.startup_message({"user": user, "database": "main"}, (3, 0)))
+        kind, body = await _read_message(reader, parser)
+        first = time.perf_counter() - started
+        assert kind == b"R" and body[:4] == b"\x00\x00\x00\x0a", (kind, body)
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        client_first = f"n,,n=,r={nonce}".encode()
+        started = time.perf_counter()
+        writer.write(
+            b"p"
+            + (4 + len(b"SCRAM-SHA-256\x00") + 4 + len(client_first)).to_bytes(4, "big")
+            + b"SCRAM-SHA-256\x00"
+            + len(client_first).to_bytes(4, "big")
+            + client_first
+        )
+        kind, body = await _read_message(reader, parser)
+        second = time.perf_counter() - started
+        assert kind == b"R" and body[:4] == b"\x00\x00\x00\x0b", (kind, body)
+        return first, second
+    finally:
+        writer.transport.abort()
+
+
+async def run(samples: int) -> dict[str, Any]:
+    async with running_stack() as stack:
+        ep = await stack.client.create_endpoint()
+        await timed_connect(ep.url)  # awake, the real role's verifier cached
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        series: dict[str, list[float]] = {
+            "real:sasl_request": [], "unknown:sasl_request": [],
+            "real:server_first": [], "unknown:server_first": [],
+        }
+        for _ in range(10):  # warm both paths (TLS session setup, caches)
+            await probe(stack.proxy_port, ep.id, ep.user, tls)
+            await probe(stack.proxy_port, ep.id, "mallory", tls)
+        for index in range(samples * 2):
+            who, user = ("real", ep.user) if index % 2 == 0 else ("unknown", "mallory")
+            first, second = await probe(stack.proxy_port, ep.id, user, tls)
+            series[f"{who}:sasl_request"].append(first * 1000)
+            series[f"{who}:server_first"].append(second * 1000)
+    stats = {label: summary(values) for label, values in series.items()}
+    return {"samples_per_role": samples, "stats_ms": stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=250)
+    parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args.samples))
+    print_table(
+        "SCRAM reply timing, real role vs unknown role (ms)",
+        [{"series": k, **v} for k, v in result["stats_ms"].items()],
+        ["series", "n", "p50_ms", "p90_ms", "p99_ms", "max_ms"],
+    )
+    path = write_result(args.out, "auth-timing", result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
