@@ -58,13 +58,7 @@ async def probe(port: int, endpoint_id: str, user: str, tls: ssl.SSLContext) -> 
         nonce = base64.b64encode(os.urandom(18)).decode()
         client_first = f"n,,n=,r={nonce}".encode()
         started = time.perf_counter()
-        writer.write(
-            b"p"
-            + (4 + len(b"SCRAM-SHA-256\x00") + 4 + len(client_first)).to_bytes(4, "big")
-            + b"SCRAM-SHA-256\x00"
-            + len(client_first).to_bytes(4, "big")
-            + client_first
-        )
+        writer.write(messages.sasl_initial_response("SCRAM-SHA-256", client_first))
         kind, body = await _read_message(reader, parser)
         second = time.perf_counter() - started
         assert kind == b"R" and body[:4] == b"\x00\x00\x00\x0b", (kind, body)
