@@ -291,21 +291,28 @@ class Session:
         await self._admit(endpoint, user, failure_keys)
 
         # Step 4 (with 5 overlapped): the wake starts only once the role is known
-        # to exist (a stranger with a made-up name costs no compute), and with
-        # SCRAM only after the server-first message is out: it then overlaps the
-        # client's proof computation, while the replies a prober can time for
-        # free are sent before any work that only real roles get.
+        # to exist (a stranger with a made-up name wakes nothing), and with SCRAM
+        # only after the server-first message is out, so that it overlaps the
+        # client's proof computation. An unknown role on an awake compute gets
+        # the same early compute connection as a real one (as PostgreSQL forks a
+        # backend before it knows the role): the two paths do the same work and
+        # cannot be told apart by timing.
         wake: asyncio.Task[Woken] | None = None
+        lookup: asyncio.Task[Woken | None] | None = None
         early: asyncio.Task[ComputeSession | None] | None = None
         compute: ComputeSession | None = None
 
         def start_wake() -> None:
-            nonlocal wake, early
-            if role.secret is None or wake is not None:
+            nonlocal wake, lookup, early
+            if wake is not None or lookup is not None:
                 return
-            wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+            if role.secret is not None:
+                wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+                lookup = wake
+            else:
+                lookup = asyncio.create_task(self._cached_only(endpoint))
             if password_form is None:
-                early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
+                early = asyncio.create_task(self._open_early(lookup, endpoint, compute_params))
 
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
@@ -352,10 +359,10 @@ class Session:
                     opened = early.result()
                     if opened is not None and opened is not compute:
                         opened.transport.abort()  # auth failed: the early login is unused
-            if wake is not None:
-                wake.cancel()
-                if wake.done() and not wake.cancelled():
-                    wake.exception()  # retrieved: after a failed auth it is no news
+            if lookup is not None:
+                lookup.cancel()
+                if lookup.done() and not lookup.cancelled():
+                    lookup.exception()  # retrieved: after a failed auth it is no news
         self._compute = compute
         return hello, reader, compute, minor
 
@@ -476,15 +483,21 @@ class Session:
             hint="Retry the connection.",
         )
 
+    async def _cached_only(self, endpoint: str) -> Woken | None:
+        """The compute's address if it is awake and cached; never a wake."""
+        cached = await self.state.wake.shared.get_address(endpoint)
+        return None if cached is None else Woken(cached.address, "cached", cached.generation)
+
     async def _open_early(
-        self, wake: asyncio.Task[Woken], endpoint: str, params: dict[str, str]
+        self, wake: asyncio.Task[Woken] | asyncio.Task[Woken | None], endpoint: str,
+        params: dict[str, str],
     ) -> ComputeSession | None:
         """Step 7 begun during step 4: when the compute is already awake (a cached
         address) and a session slot is free now, connect and send the startup packet
         while the client does its SCRAM, so the compute's fork and backend start
         overlap the client's round trips. Anything less certain waits for auth."""
         woken = await wake
-        if woken.cold_start != "cached":
+        if woken is None or woken.cold_start != "cached":
             return None
         if self._slot is None:
             if not self.state.guards.try_acquire(endpoint):
