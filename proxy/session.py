@@ -53,7 +53,7 @@ from proxy.splice import Splice
 from proxy.stream import PeerClosed, Stream
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
-from wakeup.api import ROLE_NAME_RULE, valid_role_name
+from wakeup.api import ROLE_NAME_RULE, as_postgres_name, valid_role_name
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
@@ -257,13 +257,13 @@ class Session:
             self.want_timing = timing in ("on", "true", "1")
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
-        user = startup.params["user"]
+        user = as_postgres_name(startup.params["user"])
         if not valid_role_name(user):
             # It cannot be a role anywhere (the control API's own rule), so saying so
-            # reveals nothing; it never reaches a cache key, a URL or a log line whole.
+            # reveals nothing; it never reaches a cache key, a URL or a log line.
             raise ClientError(
                 Kind.AUTH,
-                f'role "{user[:63]}" does not exist',
+                f'role "{user}" does not exist',
                 sqlstate="28000",
                 detail=f"This name cannot be a role: {ROLE_NAME_RULE}.",
             )

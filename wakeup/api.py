@@ -40,6 +40,12 @@ def valid_role_name(value: str) -> bool:
     return bool(ROLE_NAME_RE.fullmatch(value))
 
 
+def as_postgres_name(value: str) -> str:
+    """A name as PostgreSQL reads it from a startup packet: cut to NAMEDATALEN - 1
+    (63) bytes, never in the middle of a character."""
+    return value.encode("utf-8", "surrogatepass")[:63].decode("utf-8", "ignore")
+
+
 def path_segment(value: str) -> str:
     """One URL path segment that no value can turn into another path.
 
