@@ -12,12 +12,12 @@ import socket
 from prometheus_client import CollectorRegistry
 
 from proxy.activity import report_activity
-from proxy.auth import RoleCache
 from proxy.cancel import CancelMap
 from proxy.connlog import ConnectionLog
 from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
+from proxy.rolecache import RoleCache
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.settings import ProxySettings
 from proxy.shared import LocalShared, open_shared
@@ -45,14 +45,24 @@ class ProxyServer:
         self.settings = settings
         self.control = control
         self.shared = open_shared(settings.redis_url)
+        metrics = metrics or ProxyMetrics(CollectorRegistry())
+        role_lookups = metrics.cache_requests
         self.state = ProxyState(
             settings=settings,
             server_tls=server_tls,
             wake=WakeClient(control, self.shared, settings),
-            roles=RoleCache(control, settings.role_cache_ttl),
+            roles=RoleCache(
+                control,
+                settings.role_cache_ttl,
+                refresh_after=settings.role_cache_refresh,
+                max_entries=settings.role_cache_max_entries,
+                max_stale=settings.role_cache_max_stale,
+                outage_retry=settings.negative_cache_ttl,
+                count=lambda outcome: role_lookups.labels("role", outcome).inc(),
+            ),
             cancels=CancelMap(self.shared),
             mock_key=mock_key_from(os.urandom(32)),
-            metrics=metrics or ProxyMetrics(CollectorRegistry()),
+            metrics=metrics,
             connection_log=connection_log or ConnectionLog(),
             limits=limits or FrontDoorLimits.local(settings.limits),
         )
@@ -198,6 +208,7 @@ class ProxyServer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.state.wake.close()
+        await self.state.roles.close()
         if self._activity_task is not None:
             self._activity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from proxy.errors import ClientError, Kind
 from proxy.pgwire import messages
@@ -18,86 +16,10 @@ from proxy.scram import (
     ScramError,
     ScramSecret,
     ScramServer,
-    parse_verifier,
     salted_password,
     verify_password,
 )
 from proxy.stream import Stream
-from proxy.wake import control_error
-from wakeup.api import ControlAPIError, ControlClient
-
-ROLE_NOT_FOUND = "role_not_found"
-
-
-@dataclass(frozen=True)
-class RoleSecret:
-    secret: ScramSecret | None  # None: no such role (cached briefly, answered with a mock)
-
-
-class RoleCache:
-    """Verifiers fetched from the control API, kept for `ttl` (negative answers shorter)."""
-
-    def __init__(
-        self,
-        control: ControlClient,
-        ttl: float,
-        negative_ttl: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.control = control
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.clock = clock
-        self._entries: dict[tuple[str, str], tuple[float, RoleSecret]] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Future[RoleSecret]] = {}
-
-    def invalidate(self, endpoint_id: str, role: str) -> None:
-        self._entries.pop((endpoint_id, role), None)
-
-    def put(self, endpoint_id: str, role: str, verifier: str) -> None:
-        """A verifier the control plane pushed (a new endpoint): no fetch on first connect."""
-        try:
-            secret = parse_verifier(verifier)
-        except ValueError:
-            return
-        self._entries[(endpoint_id, role)] = (self.clock() + self.ttl, RoleSecret(secret))
-
-    async def get(self, endpoint_id: str, role: str, *, timeout: float) -> RoleSecret:
-        key = (endpoint_id, role)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] > self.clock():
-            return hit[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[RoleSecret] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await self._fetch(endpoint_id, role, timeout)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it themselves
-            raise
-        else:
-            future.set_result(result)
-            ttl = self.ttl if result.secret is not None else self.negative_ttl
-            self._entries[key] = (self.clock() + ttl, result)
-            return result
-        finally:
-            del self._inflight[key]
-
-    async def _fetch(self, endpoint_id: str, role: str, timeout: float) -> RoleSecret:
-        try:
-            answer = await self.control.get_role(endpoint_id, role, timeout=timeout)
-        except ControlAPIError as exc:
-            if exc.code == ROLE_NOT_FOUND:
-                return RoleSecret(None)
-            raise control_error(endpoint_id, exc) from exc
-        try:
-            return RoleSecret(parse_verifier(answer.verifier))
-        except ValueError:
-            # Not a SCRAM verifier (e.g. md5): we cannot authenticate this role.
-            return RoleSecret(None)
 
 
 async def read_message(stream: Stream, reader: MessageReader) -> tuple[bytes, bytes]:
@@ -162,10 +84,15 @@ async def authenticate_client(
     channel_binding: bytes | None,
     mock_key: bytes,
     step_timeout: float,
+    after_server_first: Callable[[], None] | None = None,
 ) -> bytes:
     """Run SCRAM with the client; return the ClientKey recovered from its proof.
 
-    The caller sends AuthenticationOk (after this returns) when it is ready.
+    `after_server_first` runs once the server-first message is written: work
+    that only a real role gets (a wake, an early compute connection) starts
+    there, so that it overlaps the client's proof computation but cannot slow
+    the replies a prober times without a password (timing would tell real roles
+    from unknown ones). The caller sends AuthenticationOk when it is ready.
     """
     server = ScramServer(
         user, secret, nonce=os.urandom(18), channel_binding=channel_binding, mock_key=mock_key
@@ -176,6 +103,8 @@ async def authenticate_client(
             body = await expect_password_message(stream, reader, "SASLInitialResponse")
         mechanism, data = messages.parse_sasl_initial_response(body)
         stream.write(messages.auth_sasl_continue(server.client_first(mechanism, data)))
+        if after_server_first is not None:
+            after_server_first()
         async with asyncio.timeout(step_timeout):
             body = await expect_password_message(stream, reader, "SASLResponse")
         final = server.client_final(body)

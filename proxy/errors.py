@@ -72,3 +72,16 @@ class ClientError(Exception):
     @property
     def retryable(self) -> bool:
         return self.kind in (Kind.WAKE, Kind.CONTROL_PLANE)
+
+
+CONTROL_PLANE_UNAVAILABLE = "control plane unavailable"
+
+
+def control_plane_unavailable(endpoint_id: str) -> ClientError:
+    """The one wording for "the control plane did not answer", whatever we asked it
+    (an address, a verifier): only for that reason, never for a slow compute."""
+    return ClientError(
+        Kind.CONTROL_PLANE,
+        f'{CONTROL_PLANE_UNAVAILABLE}: cannot connect to endpoint "{endpoint_id}" now',
+        hint="This is temporary; retry the connection.",
+    )

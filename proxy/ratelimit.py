@@ -140,6 +140,11 @@ class LimitSettings:
     # Auth failures per (client IP, endpoint): 10 at once, then one per 6 s.
     auth_failure_burst: float = 10
     auth_failure_rate: float = 1 / 6
+    # Auth failures per (endpoint, role), from any address: a guess of one role from
+    # many addresses runs out too. Larger than one address's budget, so that one
+    # noisy client does not lock the role's real users out first.
+    role_failure_burst: float = 30
+    role_failure_rate: float = 1 / 2
     # Connection attempts per endpoint (authenticated or not): a wake costs money.
     connect_burst: float = 2000
     connect_rate: float = 500
@@ -150,7 +155,8 @@ class LimitSettings:
 class FrontDoorLimits:
     """The limiters one proxy uses; built from settings, or given (a shared backend)."""
 
-    auth_failures: FailureLimiter
+    auth_failures: FailureLimiter  # keyed by auth_failure_key (client address, endpoint)
+    role_failures: FailureLimiter  # keyed by role_failure_key (endpoint, validated role)
     connect_attempts: AttemptLimiter
 
     @classmethod
@@ -161,6 +167,13 @@ class FrontDoorLimits:
             auth_failures=LocalFailureLimiter(
                 TokenBuckets(
                     BucketSpec(settings.auth_failure_rate, settings.auth_failure_burst),
+                    max_keys=settings.max_keys,
+                    clock=clock,
+                )
+            ),
+            role_failures=LocalFailureLimiter(
+                TokenBuckets(
+                    BucketSpec(settings.role_failure_rate, settings.role_failure_burst),
                     max_keys=settings.max_keys,
                     clock=clock,
                 )
@@ -177,6 +190,11 @@ class FrontDoorLimits:
 
 def auth_failure_key(client_ip: str, endpoint: str) -> str:
     return f"auth:{client_ip}:{endpoint}"
+
+
+def role_failure_key(endpoint: str, role: str) -> str:
+    """Both parts validated by the caller (at most 63 characters each): a bounded key."""
+    return f"role:{endpoint}:{role}"
 
 
 def whole_seconds(seconds: float) -> int:

@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from proxy.activity import ActivityTracker
-from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
+from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.compute import (
     ComputeRejected,
@@ -35,7 +35,13 @@ from proxy.pgwire.startup import (
     extract_endpoint_from_options,
     extract_option,
 )
-from proxy.ratelimit import FrontDoorLimits, auth_failure_key, whole_seconds
+from proxy.ratelimit import (
+    FrontDoorLimits,
+    auth_failure_key,
+    role_failure_key,
+    whole_seconds,
+)
+from proxy.rolecache import RoleCache
 from proxy.routing import (
     PasswordForm,
     parse_password_form,
@@ -48,6 +54,7 @@ from proxy.stream import PeerClosed, Stream
 from proxy.timing import PHASES, Timeline
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
+from wakeup.api import ROLE_NAME_RULE, as_postgres_name, valid_role_name
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
@@ -258,7 +265,16 @@ class Session:
             self.want_timing = timing in ("on", "true", "1")
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
-        user = startup.params["user"]
+        user = as_postgres_name(startup.params["user"])
+        if not valid_role_name(user):
+            # It cannot be a role anywhere (the control API's own rule), so saying so
+            # reveals nothing; it never reaches a cache key, a URL or a log line.
+            raise ClientError(
+                Kind.AUTH,
+                f'role "{user}" does not exist',
+                sqlstate="28000",
+                detail=f"This name cannot be a role: {ROLE_NAME_RULE}.",
+            )
         reader = MessageReader()
         reader.feed(hello.trailing)
         route = resolve_optional(
@@ -278,22 +294,43 @@ class Session:
         endpoint = route.endpoint_id
         self.log.endpoint, self.log.role = endpoint, user
         compute_params = forwarded_parameters(startup, options_rest)
-        failure_key = auth_failure_key(self.log.client.rpartition(":")[0], endpoint)
-        await self._admit(endpoint, failure_key)
+        failure_keys = (
+            auth_failure_key(self.log.client.rpartition(":")[0], endpoint),
+            role_failure_key(endpoint, user),
+        )
+        await self._admit(endpoint, user, failure_keys)
         self.timeline.mark("admit")
 
-        # Step 4 (with 5 overlapped): the wake starts first, so that on a fresh
-        # endpoint it and the verifier's fetch are concurrent control API calls.
-        wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+        # Step 4 (with 5 overlapped): the wake starts only once the role is known
+        # to exist (a stranger with a made-up name wakes nothing), and with SCRAM
+        # only after the server-first message is out, so that it overlaps the
+        # client's proof computation. An unknown role on an awake compute gets
+        # the same early compute connection as a real one (as PostgreSQL forks a
+        # backend before it knows the role): the two paths do the same work and
+        # cannot be told apart by timing.
+        wake: asyncio.Task[Woken] | None = None
+        lookup: asyncio.Task[Woken | None] | None = None
         early: asyncio.Task[ComputeSession | None] | None = None
         compute: ComputeSession | None = None
+
+        def start_wake() -> None:
+            nonlocal wake, lookup, early
+            if wake is not None or lookup is not None:
+                return
+            if role.secret is not None:
+                wake = asyncio.create_task(self._wake(endpoint), name=f"session-wake:{endpoint}")
+                lookup = wake
+            else:
+                lookup = asyncio.create_task(self._cached_only(endpoint))
+            if password_form is None:
+                early = asyncio.create_task(self._open_early(lookup, endpoint, compute_params))
+
         try:
             role = await self.state.roles.get(endpoint, user, timeout=s.control_timeout)
             self.timeline.mark("verifier")
-            if role.secret is not None and password_form is None:
-                early = asyncio.create_task(self._open_early(wake, endpoint, compute_params))
             try:
                 if password_form is not None:
+                    start_wake()  # the password check below takes a PBKDF2's time
                     client_key = await verify_cleartext(
                         user, role.secret, password_form.password, mock_key=self.state.mock_key
                     )
@@ -306,16 +343,19 @@ class Session:
                         channel_binding=hello.tls.end_point_hash if hello.tls else None,
                         mock_key=self.state.mock_key,
                         step_timeout=s.auth_step_timeout,
+                        after_server_first=start_wake,
                     )
             except ClientError as exc:
                 if exc.kind is Kind.AUTH:
                     # The password may have just changed: fetch it afresh next time.
                     self.state.roles.invalidate(endpoint, user)
-                    await self.state.limits.auth_failures.record_failure(failure_key)
+                    limits = self.state.limits
+                    await limits.auth_failures.record_failure(failure_keys[0])
+                    await limits.role_failures.record_failure(failure_keys[1])
                 raise
             stream.write(messages.auth_ok())
             self.timeline.mark("auth")
-            assert role.secret is not None  # a mock exchange never succeeds
+            assert role.secret is not None and wake is not None  # a mock never succeeds
 
             # Steps 6–7: address (cached or woken) and compute login, with one retry
             # through a fresh wake when a cached address turns out stale.
@@ -330,21 +370,34 @@ class Session:
                     opened = early.result()
                     if opened is not None and opened is not compute:
                         opened.transport.abort()  # auth failed: the early login is unused
-            wake.cancel()
-            if wake.done() and not wake.cancelled():
-                wake.exception()  # retrieved: after a failed lookup or auth it is no news
+            if lookup is not None:
+                lookup.cancel()
+                if lookup.done() and not lookup.cancelled():
+                    lookup.exception()  # retrieved: after a failed auth it is no news
         self._compute = compute
         return hello, reader, compute, minor
 
-    async def _admit(self, endpoint: str, failure_key: str) -> None:
-        """The front-door limits, checked before anything costs (a verifier fetch, a wake)."""
+    async def _admit(self, endpoint: str, user: str, failure_keys: tuple[str, str]) -> None:
+        """The front-door limits, checked before anything costs (a verifier fetch, a wake).
+
+        Failures count per client address and per role: one address guessing many
+        roles, and many addresses guessing one role, both run out. Unknown roles
+        count alike, so a refusal says nothing about whether the role exists."""
         limits = self.state.limits
-        wait = await limits.auth_failures.retry_after(failure_key)
+        by_address, by_role = failure_keys
+        wait = await limits.auth_failures.retry_after(by_address)
         if wait > 0:
             raise ClientError(
                 Kind.TOO_MANY,
                 "too many failed authentication attempts; "
                 f"retry in {whole_seconds(wait)} s",
+            )
+        wait = await limits.role_failures.retry_after(by_role)
+        if wait > 0:
+            raise ClientError(
+                Kind.TOO_MANY,
+                f'too many failed authentication attempts for role "{user}" of endpoint '
+                f'"{endpoint}"; retry in {whole_seconds(wait)} s',
             )
         wait = await limits.connect_attempts.admit(f"connect:{endpoint}")
         if wait > 0:
@@ -454,15 +507,21 @@ class Session:
             hint="Retry the connection.",
         )
 
+    async def _cached_only(self, endpoint: str) -> Woken | None:
+        """The compute's address if it is awake and cached; never a wake."""
+        cached = await self.state.wake.shared.get_address(endpoint)
+        return None if cached is None else Woken(cached.address, "cached", cached.generation)
+
     async def _open_early(
-        self, wake: asyncio.Task[Woken], endpoint: str, params: dict[str, str]
+        self, wake: asyncio.Task[Woken] | asyncio.Task[Woken | None], endpoint: str,
+        params: dict[str, str],
     ) -> ComputeSession | None:
         """Step 7 begun during step 4: when the compute is already awake (a cached
         address) and a session slot is free now, connect and send the startup packet
         while the client does its SCRAM, so the compute's fork and backend start
         overlap the client's round trips. Anything less certain waits for auth."""
         woken = await wake
-        if woken.cold_start != "cached":
+        if woken is None or woken.cold_start != "cached":
             return None
         if self._slot is None:
             if not self.state.guards.try_acquire(endpoint):

@@ -25,7 +25,13 @@ class ProxySettings:
     compute_login_timeout: float = 5.0
     # After this long waiting on a wake, tell the client why it waits (a NOTICE).
     wake_notice_after: float = 0.25
+    # Verifiers (and "no such role") are answered from the cache this long, re-checked
+    # in the background when used after role_cache_refresh, and served up to
+    # role_cache_max_stale longer while the control plane is unreachable.
     role_cache_ttl: float = 30.0
+    role_cache_refresh: float = 5.0
+    role_cache_max_entries: int = 10_000
+    role_cache_max_stale: float = 600.0
     address_cache_ttl: float = 60.0
     # A busy endpoint's address is refreshed in the background after this share of its TTL.
     address_refresh_after: float = 0.75

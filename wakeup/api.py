@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -25,11 +26,38 @@ SIZE_NAMES = ("small", "medium", "large")
 # digits and inner hyphens, at most 63 characters. Anything else is refused
 # before it reaches a query, a path or a log line.
 ENDPOINT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Role names: the one rule for the control API and the proxy's front door. At most
+# 63 characters (PostgreSQL's NAMEDATALEN - 1), so a name is also a bounded cache key.
 ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
+ROLE_NAME_RULE = (
+    "role names are 1 to 63 letters, digits, \"_\", \"$\" or \"-\", "
+    "starting with a letter or \"_\""
+)
 
 
 def valid_endpoint_id(value: str) -> bool:
     return bool(ENDPOINT_ID_RE.fullmatch(value))
+
+
+def valid_role_name(value: str) -> bool:
+    return bool(ROLE_NAME_RE.fullmatch(value))
+
+
+def as_postgres_name(value: str) -> str:
+    """A name as PostgreSQL reads it from a startup packet: cut to NAMEDATALEN - 1
+    (63) bytes, never in the middle of a character."""
+    return value.encode("utf-8", "surrogatepass")[:63].decode("utf-8", "ignore")
+
+
+def path_segment(value: str) -> str:
+    """One URL path segment that no value can turn into another path.
+
+    Percent-encoding alone is not enough: httpx resolves "." and ".." before
+    sending, and the server decodes "%2F" back into "/" before routing.
+    """
+    if value in ("", ".", "..") or "/" in value or "\\" in value:
+        raise ValueError(f"{value[:80]!r} cannot be a control API path segment")
+    return urllib.parse.quote(value, safe="")
 
 
 @dataclass(frozen=True)
@@ -214,6 +242,11 @@ class ControlClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    @staticmethod
+    def _path(*segments: str) -> str:
+        """The one place a control API path is built from values (ids, role names)."""
+        return "".join("/" + path_segment(segment) for segment in segments)
+
     async def _call(
         self, method: str, path: str, *, json: Any = None, timeout: float | None = None
     ) -> Any:
@@ -240,7 +273,8 @@ class ControlClient:
         self, name: str | None = None, tier: TierName = "durable", size: str = "small"
     ) -> CreatedEndpoint:
         body = CreateEndpoint(name=name, tier=tier, size=size).model_dump()
-        return CreatedEndpoint.model_validate(await self._call("POST", "/endpoints", json=body))
+        created = await self._call("POST", self._path("endpoints"), json=body)
+        return CreatedEndpoint.model_validate(created)
 
     async def resize(
         self, endpoint_id: str, size: str, *, drain_seconds: float | None = None,
@@ -250,44 +284,48 @@ class ControlClient:
         body = ResizeEndpoint(size=size, drain_seconds=drain_seconds).model_dump()
         return Resize.model_validate(
             await self._call(
-                "POST", f"/endpoints/{endpoint_id}/resize", json=body,
+                "POST", self._path("endpoints", endpoint_id, "resize"), json=body,
                 timeout=timeout + (drain_seconds or 0.0),
             )
         )
 
     async def list_endpoints(self) -> list[Endpoint]:
-        return [Endpoint.model_validate(e) for e in await self._call("GET", "/endpoints")]
+        listed = await self._call("GET", self._path("endpoints"))
+        return [Endpoint.model_validate(e) for e in listed]
 
     async def pool(self) -> Pool:
-        return Pool.model_validate(await self._call("GET", "/pool"))
+        return Pool.model_validate(await self._call("GET", self._path("pool")))
 
     async def get_endpoint(self, endpoint_id: str, *, timeout: float | None = None) -> Endpoint:
-        return Endpoint.model_validate(
-            await self._call("GET", f"/endpoints/{endpoint_id}", timeout=timeout)
-        )
+        answer = await self._call("GET", self._path("endpoints", endpoint_id), timeout=timeout)
+        return Endpoint.model_validate(answer)
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
-        await self._call("DELETE", f"/endpoints/{endpoint_id}")
+        await self._call("DELETE", self._path("endpoints", endpoint_id))
 
     async def suspend(self, endpoint_id: str) -> Endpoint:
         return Endpoint.model_validate(
-            await self._call("POST", f"/endpoints/{endpoint_id}/suspend")
+            await self._call("POST", self._path("endpoints", endpoint_id, "suspend"))
         )
 
     async def wake(self, endpoint_id: str, *, timeout: float | None = None) -> Wake:
         return Wake.model_validate(
-            await self._call("POST", f"/endpoints/{endpoint_id}/wake", timeout=timeout)
+            await self._call(
+                "POST", self._path("endpoints", endpoint_id, "wake"), timeout=timeout
+            )
         )
 
     async def get_role(self, endpoint_id: str, role: str, *, timeout: float | None = None) -> Role:
         return Role.model_validate(
-            await self._call("GET", f"/endpoints/{endpoint_id}/roles/{role}", timeout=timeout)
+            await self._call(
+                "GET", self._path("endpoints", endpoint_id, "roles", role), timeout=timeout
+            )
         )
 
     async def set_password(self, endpoint_id: str, role: str, password: str) -> None:
         await self._call(
             "PUT",
-            f"/endpoints/{endpoint_id}/roles/{role}/password",
+            self._path("endpoints", endpoint_id, "roles", role, "password"),
             json=SetPassword(password=password).model_dump(),
         )
 
@@ -301,5 +339,5 @@ class ControlClient:
             proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned,
             last_active=last_active or {}, started=started or {}, interval=interval,
         ).model_dump()
-        answer = await self._call("POST", "/activity", json=body, timeout=timeout)
+        answer = await self._call("POST", self._path("activity"), json=body, timeout=timeout)
         return ActivityAnswer.model_validate(answer or {})

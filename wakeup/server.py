@@ -11,7 +11,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from wakeup.api import (
     ENDPOINT_ID_RE,
-    ROLE_NAME_RE,
     Activity,
     ActivityAnswer,
     CreatedEndpoint,
@@ -24,6 +23,7 @@ from wakeup.api import (
     Role,
     SetPassword,
     Wake,
+    valid_role_name,
 )
 from wakeup.control import ControlPlane, EndpointNotFound, WakeFailed
 from wakeup.handoff import HandoffFailed
@@ -202,7 +202,7 @@ def create_app(
 
     @app.get(v1 + "/endpoints/{endpoint_id}/roles/{role}", dependencies=auth)
     async def get_role(endpoint_id: str, role: str) -> Role:
-        if not ROLE_NAME_RE.fullmatch(role):
+        if not valid_role_name(role):
             raise APIProblem(404, "role_not_found", "role not found")
         verifier = await control.verifier(checked_id(endpoint_id), role)
         if verifier is None:
@@ -211,7 +211,7 @@ def create_app(
 
     @app.put(v1 + "/endpoints/{endpoint_id}/roles/{role}/password", dependencies=auth)
     async def set_password(endpoint_id: str, role: str, body: SetPassword) -> dict[str, int]:
-        if not ROLE_NAME_RE.fullmatch(role):
+        if not valid_role_name(role):
             raise APIProblem(400, "invalid_role", f"invalid role name {role!r}")
         version = await control.set_password(checked_id(endpoint_id), role, body.password)
         return {"config_version": version}
