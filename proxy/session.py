@@ -225,9 +225,13 @@ class Session:
         )
         self.log.startup_s = time.perf_counter() - self.started
         if hello.cancel is not None:
-            target = await self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
-            if target is not None:
-                await send_cancel(target)
+            # Paced per source address before any lookup, so a flood of made-up
+            # keys never reaches the shared state; like PostgreSQL, no answer either way.
+            cancels = self.state.cancels
+            if cancels.admit(self.log.client.rpartition(":")[0]):
+                target = await cancels.lookup(hello.cancel.pid, hello.cancel.secret)
+                if target is not None:
+                    await send_cancel(target)
             return None
         assert hello.startup is not None
         startup = hello.startup

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "pgwake:"
 # After a Redis error, skip Redis for this long before trying it again.
 REDIS_RETRY_AFTER = 1.0
+# Redis connections per replica: the wake path's pool, and cancel keys' own.
+WAKE_POOL_SIZE = 32
+CANCEL_POOL_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,11 @@ class CachedAddress:
 
 @dataclass(frozen=True)
 class SharedCancel:
+    """Where a client's cancel key leads: the compute and its own (PID, secret)."""
+
     address: ComputeAddress
     pid: int
     secret: bytes
-    proxy_secret: bytes = b""  # the key the client holds; checked by the replica it reaches
 
 
 class SharedState(Protocol):
@@ -58,9 +62,9 @@ class SharedState(Protocol):
     def waiter(self, endpoint_id: str) -> asyncio.Event: ...
     async def wait_woken(self, endpoint_id: str, timeout: float) -> None: ...
     async def take_token(self, bucket: str, rate: float, burst: float) -> float: ...
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None: ...
-    async def get_cancel(self, pid: int) -> SharedCancel | None: ...
-    async def drop_cancel(self, pid: int) -> None: ...
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool: ...
+    async def get_cancel(self, key: str) -> SharedCancel | None: ...
+    async def drop_cancel(self, key: str) -> None: ...
 
 
 def jittered(ttl: float) -> float:
@@ -78,7 +82,7 @@ class LocalShared:
         self._locks: dict[str, tuple[float, str]] = {}
         self._woken: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
-        self._cancels: dict[int, tuple[float, SharedCancel]] = {}
+        self._cancels: dict[str, tuple[float, SharedCancel]] = {}
 
     async def start(self) -> None:
         return None
@@ -161,19 +165,24 @@ class LocalShared:
         self._buckets[bucket] = (tokens, now)
         return (1.0 - tokens) / rate
 
-    # Cancel keys.
+    # Cancel keys: `key` names a (PID, secret) pair; False when it is taken already.
 
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
-        self._cancels[pid] = (self.clock() + ttl, target)
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool:
+        now = self.clock()
+        entry = self._cancels.get(key)
+        if entry is not None and entry[0] > now:
+            return False
+        self._cancels[key] = (now + ttl, target)
+        return True
 
-    async def get_cancel(self, pid: int) -> SharedCancel | None:
-        entry = self._cancels.get(pid)
+    async def get_cancel(self, key: str) -> SharedCancel | None:
+        entry = self._cancels.get(key)
         if entry is None or entry[0] <= self.clock():
             return None
         return entry[1]
 
-    async def drop_cancel(self, pid: int) -> None:
-        self._cancels.pop(pid, None)
+    async def drop_cancel(self, key: str) -> None:
+        self._cancels.pop(key, None)
 
 
 # A token bucket in one round trip: returns 0 when a token was taken, else the
@@ -209,13 +218,22 @@ class RedisShared:
         self.errors = 0
         self.degraded = False
         self._retry_at = 0.0
-        # A bounded pool that queues callers (briefly) instead of failing them.
+        # Bounded pools that queue callers (briefly) instead of failing them: one
+        # for the wake path (addresses, locks, buckets, session slots), a small one
+        # for cancel keys, so that cancels can never starve a wake of connections.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=0.5, socket_connect_timeout=0.5,
+            url, max_connections=WAKE_POOL_SIZE, timeout=0.5, socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+        )
+        cancel_pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=CANCEL_POOL_SIZE, timeout=0.25, socket_connect_timeout=0.5,
             socket_timeout=0.5,
         )
         self._pool: Any = pool
+        self._cancel_pool: Any = cancel_pool
         self._redis: Any = aioredis.Redis(connection_pool=pool)
+        self._cancel_redis: Any = aioredis.Redis(connection_pool=cancel_pool)
+        self.cancel_drops = 0  # cancel-key calls that found the cancel pool busy
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -239,12 +257,17 @@ class RedisShared:
             self.local.forget(None)
         self.degraded = False
 
-    async def _call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    async def _call(
+        self, what: str, fn: Callable[[], Any], *, pool_errors_degrade: bool = True
+    ) -> tuple[bool, Any]:
         if not self._usable():
             return False, None
         try:
             result = await fn()
         except (OSError, TimeoutError, _redis_errors()) as exc:
+            if not pool_errors_degrade and _pool_exhausted(exc):
+                self.cancel_drops += 1  # our own pool is busy: Redis itself is fine
+                return False, None
             self._failed(what, exc)
             return False, None
         self._ok()
@@ -262,7 +285,10 @@ class RedisShared:
         with contextlib.suppress(Exception):
             await self._redis.aclose()
         with contextlib.suppress(Exception):
-            await self._pool.disconnect()
+            await self._cancel_redis.aclose()
+        for pool in (self._pool, self._cancel_pool):
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
 
     async def _listen(self) -> None:
         """Follow the invalidation channel; resubscribe with backoff when Redis goes away."""
@@ -366,33 +392,47 @@ class RedisShared:
             return await self.local.take_token(bucket, rate, burst)
         return float(wait_ms) / 1000.0
 
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
-        await self.local.put_cancel(pid, target, ttl)
-        body = json.dumps({"address": str(target.address), "pid": target.pid,
-                           "secret": target.secret.hex(),
-                           "proxy_secret": target.proxy_secret.hex()})
-        await self._call("cancel-set", lambda: self._redis.set(
-            f"{KEY_PREFIX}cancel:{pid}", body, px=max(1, int(ttl * 1000))))
+    # Cancel keys go through their own small pool (`_cancel_redis`): a flood of
+    # CancelRequests can fill that pool, never the one the wake path uses, and a
+    # cancel that finds it busy is dropped without marking Redis unavailable.
 
-    async def get_cancel(self, pid: int) -> SharedCancel | None:
-        hit = await self.local.get_cancel(pid)
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool:
+        if not await self.local.put_cancel(key, target, ttl):
+            return False
+        body = json.dumps({"address": str(target.address), "pid": target.pid,
+                           "secret": target.secret.hex()})
+        ok, stored = await self._call("cancel-set", lambda: self._cancel_redis.set(
+            f"{KEY_PREFIX}cancel:{key}", body, px=max(1, int(ttl * 1000)), nx=True))
+        if ok and not stored:
+            await self.local.drop_cancel(key)  # another replica holds this pair
+            return False
+        return True
+
+    async def get_cancel(self, key: str) -> SharedCancel | None:
+        hit = await self.local.get_cancel(key)
         if hit is not None:
             return hit
-        key = f"{KEY_PREFIX}cancel:{pid}"
-        ok, raw = await self._call("cancel-get", lambda: self._redis.get(key))
+        name = f"{KEY_PREFIX}cancel:{key}"
+        ok, raw = await self._call("cancel-get", lambda: self._cancel_redis.get(name),
+                                   pool_errors_degrade=False)
         if not ok or raw is None:
             return None
         try:
             data = json.loads(raw)
             return SharedCancel(ComputeAddress.parse(data["address"]), int(data["pid"]),
-                                bytes.fromhex(data["secret"]),
-                                bytes.fromhex(data.get("proxy_secret", "")))
+                                bytes.fromhex(data["secret"]))
         except (ValueError, KeyError, TypeError):
             return None
 
-    async def drop_cancel(self, pid: int) -> None:
-        await self.local.drop_cancel(pid)
-        await self._call("cancel-del", lambda: self._redis.delete(f"{KEY_PREFIX}cancel:{pid}"))
+    async def drop_cancel(self, key: str) -> None:
+        await self.local.drop_cancel(key)
+        await self._call("cancel-del",
+                         lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"))
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """redis-py's BlockingConnectionPool timing out on a free connection (not Redis down)."""
+    return "No connection available" in str(exc)
 
 
 def _redis_errors() -> type[Exception]:
