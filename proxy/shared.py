@@ -221,13 +221,14 @@ class RedisShared:
         # Bounded pools that queue callers (briefly) instead of failing them: one
         # for the wake path (addresses, locks, buckets, session slots), a small one
         # for cancel keys, so that cancels can never starve a wake of connections.
+        # Named, so `CLIENT LIST` shows which pool a connection belongs to.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=WAKE_POOL_SIZE, timeout=0.5, socket_connect_timeout=0.5,
-            socket_timeout=0.5,
+            socket_timeout=0.5, client_name="pgwake-proxy",
         )
         cancel_pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=CANCEL_POOL_SIZE, timeout=0.25, socket_connect_timeout=0.5,
-            socket_timeout=0.5,
+            socket_timeout=0.5, client_name="pgwake-proxy-cancel",
         )
         self._pool: Any = pool
         self._cancel_pool: Any = cancel_pool
