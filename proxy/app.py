@@ -110,10 +110,12 @@ class ProxyServer:
             )
         await self.shared.start()
         self.state.guards = ConnectionGuards(
+            shared=self.shared,
             endpoint_cap=s.endpoint_client_cap,
             queue_timeout=s.endpoint_queue_timeout,
             connect_concurrency=s.compute_connect_concurrency,
         )
+        self.state.guards.start()
         # Accept only once the shared state and the guards every session uses are set.
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
@@ -171,6 +173,7 @@ class ProxyServer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.state.wake.close()
+        await self.state.guards.close()
         if self._activity_task is not None:
             self._activity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -23,7 +23,7 @@ from proxy.compute import (
 )
 from proxy.connlog import ConnectionLog
 from proxy.errors import ClientError, Kind
-from proxy.guards import ConnectionGuards
+from proxy.guards import ConnectionGuards, Slot
 from proxy.handshake import ClientHello, open_client
 from proxy.metrics import ProxyMetrics
 from proxy.pgwire import messages
@@ -126,13 +126,14 @@ class Session:
         self.log = SessionLog(next(_session_ids), peer)
         self._stream_box: list[Stream] = []
         self._compute: ComputeSession | None = None
-        self._slot: str | None = None  # the endpoint whose session slot this holds
+        self._slot: Slot | None = None  # this session's place under the endpoint's budget
+        self._deadline = 0.0  # the handshake deadline (event loop time)
         self.want_timing = False
 
     async def run(self) -> None:
         self.started = started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.handshake_timeout
+        self._deadline = deadline = loop.time() + self.settings.handshake_timeout
         self.state.handshakes += 1
         try:
             try:
@@ -370,17 +371,21 @@ class Session:
     ) -> ComputeSession:
         stream = self._stream_box[0]
         waited = time.perf_counter()
-        # A session slot under the endpoint's cap (queueing, then 53300), held to the end.
-        if self._slot is None:
-            await self.state.guards.acquire(endpoint)
-            self._slot = endpoint
         woken = await self._await_wake(wake, endpoint, stream)
         self.log.wake_wait_s = time.perf_counter() - waited
+        guards = self.state.guards
+        loop = asyncio.get_running_loop()
         opened: ComputeSession | None = None
         if early is not None:
             with contextlib.suppress(ComputeUnreachable, ClientError):
                 opened = await early  # an early failure is retried below, as usual
-        for attempt in range(4):
+        # A session slot under the compute's budget (shared by all replicas; queueing,
+        # then 53300 just before the handshake deadline), held to the session's end.
+        if self._slot is None:
+            self._slot = await guards.acquire(
+                endpoint, woken.budget, timeout=self._deadline - loop.time() - 0.05)
+        attempt = full = 0
+        while attempt < 4:
             self.log.cold_start = woken.cold_start
             try:
                 login_started = time.perf_counter()
@@ -411,6 +416,17 @@ class Session:
                 log.info("session %d: compute %s unreachable: %s",
                          self.log.session_id, woken.address, exc)
             except ComputeRejected as exc:
+                if exc.sqlstate == "53300":
+                    # The compute is full with sessions the budget did not see (a replica
+                    # that lost Redis, direct clients): wait for room, within the deadline.
+                    full += 1
+                    if await guards.compute_full(endpoint, full, self._deadline - 0.05):
+                        continue
+                    raise ClientError(
+                        Kind.TOO_MANY, exc.fields.get("M", "too many connections"),
+                        sqlstate=exc.sqlstate, hint="Close idle connections or use a "
+                        "connection pool.",
+                    ) from None
                 # 57P03/57P01: starting up or shutting down (a suspend raced us);
                 # 28P01 from a *cached* address: the port now belongs to another compute.
                 stale = exc.sqlstate in ("57P03", "57P01") or (
@@ -425,6 +441,7 @@ class Session:
             await self.state.wake.invalidate(endpoint)
             if attempt:
                 await asyncio.sleep(0.02 * 2**attempt)  # backoff after the immediate retry
+            attempt += 1
             woken = await self._await_wake(
                 asyncio.create_task(self._wake(endpoint)), endpoint, stream
             )
@@ -445,9 +462,9 @@ class Session:
         if woken.cold_start != "cached":
             return None
         if self._slot is None:
-            if not self.state.guards.try_acquire(endpoint):
+            self._slot = await self.state.guards.try_acquire(endpoint, woken.budget)
+            if self._slot is None:
                 return None
-            self._slot = endpoint
         async with self.state.guards.connecting(woken.address):
             return await open_session(
                 woken.address, params, connect_timeout=self.settings.compute_connect_timeout

@@ -36,6 +36,7 @@ CANCEL_POOL_SIZE = 8
 class CachedAddress:
     address: ComputeAddress
     generation: int
+    budget: int | None = None  # client sessions the compute admits (from the wake answer)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class SharedState(Protocol):
     async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool: ...
     async def get_cancel(self, key: str) -> SharedCancel | None: ...
     async def drop_cancel(self, key: str) -> None: ...
+    # Session slots: one connection budget per endpoint, shared by every replica.
+    # take_slot answers None when there is no shared budget (in process, or Redis
+    # unavailable): the caller then keeps to the budget on its own.
+    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
+                        ttl: float) -> bool | None: ...
+    async def drop_slot(self, endpoint_id: str, lease: str) -> None: ...
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None: ...
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event: ...
+    def announce_slot(self, endpoint_id: str | None) -> None: ...
 
 
 def jittered(ttl: float) -> float:
@@ -83,6 +93,7 @@ class LocalShared:
         self._woken: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
         self._cancels: dict[str, tuple[float, SharedCancel]] = {}
+        self._slot_freed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         return None
@@ -184,6 +195,35 @@ class LocalShared:
     async def drop_cancel(self, key: str) -> None:
         self._cancels.pop(key, None)
 
+    # Session slots: in one process the guards' own count is the whole budget.
+
+    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
+                        ttl: float) -> bool | None:
+        return None
+
+    async def drop_slot(self, endpoint_id: str, lease: str) -> None:
+        self.announce_slot(endpoint_id)
+
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
+        return None
+
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event:
+        event = self._slot_freed.get(endpoint_id)
+        if event is None:
+            event = self._slot_freed[endpoint_id] = asyncio.Event()
+        return event
+
+    def announce_slot(self, endpoint_id: str | None) -> None:
+        """A session slot came free (any endpoint's for None): queued sessions try again."""
+        if endpoint_id is None:
+            events = list(self._slot_freed.values())
+            self._slot_freed.clear()
+        else:
+            event = self._slot_freed.pop(endpoint_id, None)
+            events = [event] if event is not None else []
+        for event in events:
+            event.set()
+
 
 # A token bucket in one round trip: returns 0 when a token was taken, else the
 # milliseconds until one is due.
@@ -198,6 +238,31 @@ if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 100
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return wait
+"""
+
+# Session slots are leases in a sorted set scored by expiry (Redis's own clock, so
+# replicas' clocks do not matter): a replica that dies stops renewing its leases
+# and its slots come back when they expire.
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+_TAKE_SLOT = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"""
+_RENEW_SLOTS = _NOW_MS + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return #ARGV - 1
+"""
+_DROP_SLOT = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
 """
 
 _UNLOCK = """
@@ -312,6 +377,7 @@ class RedisShared:
                 self._failed("subscribe", exc)
                 self.local.forget(None)
                 self.local.announce(None)  # waiters re-check rather than wait for a lost event
+                self.local.announce_slot(None)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -320,6 +386,9 @@ class RedisShared:
 
     def _on_event(self, data: bytes) -> None:
         kind, _, endpoint_id = data.decode(errors="replace").partition(":")
+        if kind == "slot":
+            self.local.announce_slot(endpoint_id)
+            return
         if kind == "invalidate":
             self.local.forget(endpoint_id)
         self.local.announce(endpoint_id)
@@ -336,7 +405,9 @@ class RedisShared:
             return None
         try:
             data = json.loads(raw)
-            value = CachedAddress(ComputeAddress.parse(data["address"]), int(data["generation"]))
+            budget = data.get("budget")
+            value = CachedAddress(ComputeAddress.parse(data["address"]), int(data["generation"]),
+                                  None if budget is None else int(budget))
             ttl_left = float(data["expires"]) - time.time()
         except (ValueError, KeyError, TypeError):
             return None
@@ -347,7 +418,7 @@ class RedisShared:
     async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
         await self.local.put_address(endpoint_id, value, ttl)
         body = json.dumps({"address": str(value.address), "generation": value.generation,
-                           "expires": time.time() + ttl})
+                           "budget": value.budget, "expires": time.time() + ttl})
         await self._call("set", lambda: self._redis.set(
             KEY_PREFIX + "addr:" + endpoint_id, body, px=max(1, int(ttl * 1000))))
         await self._call("publish", lambda: self._redis.publish(
@@ -429,6 +500,38 @@ class RedisShared:
         await self.local.drop_cancel(key)
         await self._call("cancel-del",
                          lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"))
+
+
+    # Session slots.
+
+    @staticmethod
+    def _slots_key(endpoint_id: str) -> str:
+        return KEY_PREFIX + "slots:" + endpoint_id
+
+    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
+                        ttl: float) -> bool | None:
+        ok, taken = await self._call("slot", lambda: self._redis.eval(
+            _TAKE_SLOT, 1, self._slots_key(endpoint_id), lease, budget,
+            max(1, int(ttl * 1000))))
+        return bool(taken) if ok else None
+
+    async def drop_slot(self, endpoint_id: str, lease: str) -> None:
+        self.local.announce_slot(endpoint_id)
+        await self._call("slot-drop", lambda: self._redis.eval(
+            _DROP_SLOT, 1, self._slots_key(endpoint_id), lease, INVALIDATION_CHANNEL,
+            f"slot:{endpoint_id}"))
+
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
+        if leases:
+            await self._call("slot-renew", lambda: self._redis.eval(
+                _RENEW_SLOTS, 1, self._slots_key(endpoint_id), max(1, int(ttl * 1000)),
+                *leases))
+
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event:
+        return self.local.slot_waiter(endpoint_id)
+
+    def announce_slot(self, endpoint_id: str | None) -> None:
+        self.local.announce_slot(endpoint_id)
 
 
 def _pool_exhausted(exc: BaseException) -> bool:

@@ -36,10 +36,11 @@ class Woken:
     address: ComputeAddress
     cold_start: str  # warm | resumed | pool_hit | pool_miss | cached
     generation: int
+    budget: int | None = None  # client sessions the compute admits, if the control plane says
 
 
 def _cached(value: CachedAddress) -> Woken:
-    return Woken(value.address, "cached", value.generation)
+    return Woken(value.address, "cached", value.generation, value.budget)
 
 
 class WakeClient:
@@ -156,10 +157,11 @@ class WakeClient:
                     self.clock() + self.settings.negative_cache_ttl, error
                 )
             raise error from exc
-        woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation)
+        woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation,
+                      answer.connection_budget)
         await self.shared.put_address(
             endpoint_id,
-            CachedAddress(woken.address, woken.generation),
+            CachedAddress(woken.address, woken.generation, woken.budget),
             jittered(self.settings.address_cache_ttl),
         )
         return woken

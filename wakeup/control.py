@@ -43,6 +43,7 @@ class WakeResult:
     generation: int
     cold_start: ColdStart
     duration: float
+    connection_budget: int | None = None  # client sessions the compute admits
 
 
 @dataclass(frozen=True)
@@ -266,14 +267,16 @@ class ControlPlane:
         endpoint = await self._endpoint(endpoint_id)
         warm = await self._warm_address(endpoint)
         if warm is not None:
-            return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started)
+            return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started,
+                              self._budget(endpoint))
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             warm = await self._warm_address(endpoint)
             if warm is not None:
                 # Someone else's wake finished while we queued for the lock.
                 return WakeResult(
-                    warm, endpoint.generation, ColdStart.WARM, self.clock() - started
+                    warm, endpoint.generation, ColdStart.WARM, self.clock() - started,
+                    self._budget(endpoint),
                 )
             endpoint = await self._start(endpoint, counted=True)
             assert endpoint.address is not None
@@ -284,7 +287,12 @@ class ControlPlane:
                 endpoint.generation,
                 ColdStart.RESUMED,
                 duration,
+                self._budget(endpoint),
             )
+
+    def _budget(self, endpoint: EndpointRow) -> int:
+        assert endpoint.compute_id is not None
+        return self.provisioner.connection_budget(endpoint.compute_id, Tier(endpoint.tier))
 
     async def _warm_address(self, endpoint: EndpointRow) -> ComputeAddress | None:
         if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:

@@ -10,7 +10,13 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wakeup.provisioners.base import AdminTarget, ComputeAddress, ProvisionerError, Tier
+from wakeup.provisioners.base import (
+    AdminTarget,
+    ComputeAddress,
+    ProvisionerError,
+    Tier,
+    connection_budget,
+)
 from wakeup.provisioners.pgbin import (
     PgBinaries,
     RunAs,
@@ -42,11 +48,12 @@ host    all  all           127.0.0.1/32  scram-sha-256
 host    all  all           ::1/128       scram-sha-256
 """
 
-COMPUTE_CONF = """\
+COMPUTE_MAX_CONNECTIONS = 100
+COMPUTE_CONF = f"""\
 # written by pgwake: settings every compute shares
 password_encryption = 'scram-sha-256'
 shared_buffers = '32MB'
-max_connections = 100
+max_connections = {COMPUTE_MAX_CONNECTIONS}
 huge_pages = off
 dynamic_shared_memory_type = posix
 log_line_prefix = '%m [%p] '
@@ -87,6 +94,12 @@ class LocalProvisioner:
         if not compute_id.replace("-", "").isalnum():
             raise ProvisionerError(f"invalid compute id {compute_id!r}")
         return self._base(tier) / compute_id
+
+    def connection_budget(self, compute_id: str, tier: Tier) -> int:
+        # Every local compute runs the template's settings with `extra_settings` on top.
+        return connection_budget(
+            {"max_connections": COMPUTE_MAX_CONNECTIONS, **dict(self.settings.extra_settings)}
+        )
 
     def _template_dir(self) -> Path:
         assert self.binaries is not None
