@@ -38,7 +38,8 @@ CANCEL_RATE = 20.0
 CANCEL_BURST = 40.0
 # Lookups in shared state in flight at once, all sources together: one flood from
 # many addresses cannot take more than this of the Redis pool set aside for cancels.
-CANCEL_LOOKUPS_IN_FLIGHT = 8
+# Half the cancel pool: the other half stays free for sessions writing their keys.
+CANCEL_LOOKUPS_IN_FLIGHT = 4
 CANCEL_LOOKUP_WAIT = 0.25
 
 
@@ -58,7 +59,8 @@ class ProxyKey:
 def key_id(pid: int, secret: bytes) -> str:
     """The lookup key for a (PID, secret) pair: fixed length whatever the secret's
     length (protocol 3.2 secrets are up to 256 bytes), and no secret in the clear."""
-    return hashlib.sha256(pid.to_bytes(4, "big", signed=True) + secret).hexdigest()[:40]
+    # PIDs are unsigned 32-bit on the wire; a client may send any of them.
+    return hashlib.sha256((pid & 0xFFFFFFFF).to_bytes(4, "big") + secret).hexdigest()[:40]
 
 
 class CancelMap:

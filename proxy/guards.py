@@ -175,7 +175,13 @@ class ConnectionGuards:
         if state.live >= state.budget:
             return None  # never more than the whole budget from one replica
         lease = f"{self._replica}:{next(self._leases)}"
-        taken = await self.shared.take_slot(endpoint_id, lease, state.budget, LEASE_TTL)
+        try:
+            taken = await self.shared.take_slot(endpoint_id, lease, state.budget, LEASE_TTL)
+        except asyncio.CancelledError:
+            # The client gave up mid-call: the lease may be in Redis already. Give it
+            # back now rather than let it hold a slot until it lapses.
+            self._drop_later(endpoint_id, lease)
+            raise
         if taken is None:
             # No shared budget (in process, or Redis away): this replica's count decides.
             if state.live >= state.budget:
@@ -198,14 +204,17 @@ class ConnectionGuards:
         state.live -= 1
         if slot.lease is not None:
             state.leases.discard(slot.lease)
-            task = asyncio.get_running_loop().create_task(
-                self.shared.drop_slot(slot.endpoint_id, slot.lease))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._drop_later(slot.endpoint_id, slot.lease)
         else:
             self.shared.announce_slot(slot.endpoint_id)
         if state.live <= 0 and not state.queue and state.pump is None:
             del self._endpoints[slot.endpoint_id]
+
+    def _drop_later(self, endpoint_id: str, lease: str) -> None:
+        """Give a lease back without making the caller wait (release runs in cleanup)."""
+        task = asyncio.get_running_loop().create_task(self.shared.drop_slot(endpoint_id, lease))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _pump(self, endpoint_id: str, state: _Endpoint) -> None:
         if state.pump is None:

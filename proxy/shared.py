@@ -474,7 +474,8 @@ class RedisShared:
         body = json.dumps({"address": str(target.address), "pid": target.pid,
                            "secret": target.secret.hex()})
         ok, stored = await self._call("cancel-set", lambda: self._cancel_redis.set(
-            f"{KEY_PREFIX}cancel:{key}", body, px=max(1, int(ttl * 1000)), nx=True))
+            f"{KEY_PREFIX}cancel:{key}", body, px=max(1, int(ttl * 1000)), nx=True),
+            pool_errors_degrade=False)
         if ok and not stored:
             await self.local.drop_cancel(key)  # another replica holds this pair
             return False
@@ -499,7 +500,8 @@ class RedisShared:
     async def drop_cancel(self, key: str) -> None:
         await self.local.drop_cancel(key)
         await self._call("cancel-del",
-                         lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"))
+                         lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"),
+                         pool_errors_degrade=False)
 
 
     # Session slots.

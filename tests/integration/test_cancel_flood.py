@@ -71,7 +71,7 @@ async def send_cancel(port: int, source: str, pid: int, secret: int) -> None:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, local_addr=(source, 0))
     try:
-        writer.write(struct.pack("!iiii", 16, CANCEL_CODE, pid, secret))
+        writer.write(struct.pack("!iiIi", 16, CANCEL_CODE, pid, secret))
         await writer.drain()
         await reader.read()  # the proxy closes when it is done with the request
     finally:
@@ -84,11 +84,18 @@ async def flood(port: int, sources: list[str], count: int) -> None:
 
     async def one(i: int) -> None:
         async with gate:
-            await send_cancel(port, sources[i % len(sources)], secrets.randbelow(2**31 - 1) + 1,
-                              secrets.randbelow(2**31) - 2**30)
+            await send_cancel(port, sources[i % len(sources)], secrets.randbelow(2**32),
+                              secrets.randbelow(2**32) - 2**31)
 
     async with asyncio.timeout(DEADLINE * 2):
         await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def outcomes(up: Up, outcome: str) -> float:
+    assert up.proxy is not None
+    value = up.proxy.state.metrics.registry.get_sample_value(
+        "pgwake_connections_total", {"outcome": outcome})
+    return value or 0.0
 
 
 def shared_of(up: Up) -> RedisShared:
@@ -105,6 +112,7 @@ async def test_flood_from_one_source_is_paced_before_redis(
     ep = await rstack.client.create_endpoint()
     shared = shared_of(rstack)
     errors_before = shared.errors
+    internal_before = outcomes(rstack, "internal")
     gets_before = await redis_gets(redis_server.url)
     flooding = asyncio.create_task(flood(rstack.proxy_port, ["127.0.0.2"], FLOOD))
     # Meanwhile a real client from another address cancels its own query.
@@ -135,6 +143,8 @@ async def test_flood_from_one_source_is_paced_before_redis(
     assert lookups < 200, f"{lookups} Redis lookups for a {FLOOD}-request flood"
     assert rstack.proxy.state.cancels.rate_limited >= FLOOD - 200
     assert shared.errors == errors_before and not shared.degraded
+    assert outcomes(rstack, "internal") == internal_before  # any 32-bit PID is just a miss
+    assert outcomes(rstack, "cancel_request") >= FLOOD
 
 
 async def test_flood_from_many_sources_does_not_starve_the_wake_path(
