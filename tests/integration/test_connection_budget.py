@@ -5,6 +5,7 @@ processes, and a compute's own 53300 at login is waited out, not passed on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 from collections.abc import AsyncIterator
@@ -141,3 +142,37 @@ async def test_compute_full_at_login_is_waited_out(small_stack: Up) -> None:
     finally:
         for conn in direct:
             await conn.close()
+
+
+async def test_a_dead_replicas_slots_come_back(small_stack: Up) -> None:
+    """A `pgwake proxy` holding the whole budget is SIGKILLed: its leases stop being
+    renewed and lapse, and the other replica's clients get in (after 53300s meanwhile,
+    never another error)."""
+    assert small_stack.client is not None and small_stack.proxy is not None
+    ep = await small_stack.client.create_endpoint()
+    proc, port = await start_proxy_process(small_stack, small_stack.settings.redis_url or "")
+    held = []
+    try:
+        for _ in range(BUDGET):
+            held.append(await psycopg.AsyncConnection.connect(**kwargs(port, ep)))
+        proc.kill()
+        await proc.wait()
+    finally:
+        await stop_process(proc)
+    refused = 0
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(**kwargs(small_stack.proxy_port, ep))
+            except psycopg.OperationalError as exc:
+                # Queued to the deadline, then told why (libpq hides the SQLSTATE at connect).
+                assert "too many connections" in str(exc), exc
+                refused += 1
+                continue
+            break
+    async with conn:
+        cur = await conn.execute("select 1")
+        assert await cur.fetchone() == (1,)
+    for dead in held:
+        with contextlib.suppress(psycopg.Error):
+            await dead.close()
