@@ -85,6 +85,12 @@ class ProxyServer:
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
 
+    def compute_full_retries(self) -> int:
+        return self.state.guards.compute_full_total
+
+    def cancels_dropped(self) -> int:
+        return self.state.cancels.rate_limited + int(getattr(self.shared, "cancel_drops", 0))
+
     @property
     def port(self) -> int:
         assert self._listener is not None

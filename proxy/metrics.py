@@ -69,6 +69,8 @@ class RuntimeSources(Protocol):
     def sessions_queued(self) -> int: ...
     def sessions_refused(self) -> int: ...
     def wake_calls(self) -> int: ...
+    def compute_full_retries(self) -> int: ...
+    def cancels_dropped(self) -> int: ...
 
 
 class _RuntimeCollector(Collector):
@@ -101,6 +103,17 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "pgwake_wake_calls", "Wake calls this proxy made to the control API.",
             value=s.wake_calls(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_compute_full_retries",
+            "Compute logins refused with 53300 (full with sessions the budget did not "
+            "see) and tried again.",
+            value=s.compute_full_retries(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_cancel_requests_dropped",
+            "CancelRequests dropped unlooked-up: over their source's pace, or a flood.",
+            value=s.cancels_dropped(),
         )
 
 

@@ -133,6 +133,9 @@ async def test_compute_full_at_login_is_waited_out(small_stack: Up) -> None:
             while guards.compute_full_total == full_before:  # the compute said 53300
                 assert not proxied.done(), proxied.exception()
                 await asyncio.sleep(0.01)
+        retries = small_stack.proxy.state.metrics.registry.get_sample_value(
+            "pgwake_compute_full_retries_total")
+        assert retries is not None and retries > full_before
         await direct.pop().close()
         async with asyncio.timeout(DEADLINE):
             conn = await proxied
