@@ -40,20 +40,26 @@ RECHECK_SLICE = 0.25
 
 
 @dataclass(eq=False)
+class _Endpoint:
+    live: int = 0  # sessions of this replica holding a slot
+    busy: int = 0  # acquires in progress (they hold this object across awaits)
+    budget: int = DEFAULT_BUDGET  # the latest the compute told us
+    queue: collections.deque[asyncio.Future[Slot]] = field(default_factory=collections.deque)
+    leases: set[str] = field(default_factory=set)
+    pump: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.live <= 0 and self.busy == 0 and not self.queue and self.pump is None
+
+
+@dataclass(eq=False)
 class Slot:
     """One session's place under its endpoint's budget; `lease` names it in Redis."""
 
     endpoint_id: str
     lease: str | None
-
-
-@dataclass
-class _Endpoint:
-    live: int = 0  # sessions of this replica holding a slot
-    budget: int = DEFAULT_BUDGET  # the latest the compute told us
-    queue: collections.deque[asyncio.Future[Slot]] = field(default_factory=collections.deque)
-    leases: set[str] = field(default_factory=set)
-    pump: asyncio.Task[None] | None = None
+    state: _Endpoint = field(repr=False)
 
 
 class ConnectionGuards:
@@ -134,6 +140,14 @@ class ConnectionGuards:
     ) -> Slot:
         """Take a session slot for the endpoint, queueing up to the deadline."""
         state = self._state(endpoint_id, budget)
+        state.busy += 1
+        try:
+            return await self._acquire(endpoint_id, state, timeout)
+        finally:
+            state.busy -= 1
+            self._forget_if_idle(endpoint_id, state)
+
+    async def _acquire(self, endpoint_id: str, state: _Endpoint, timeout: float | None) -> Slot:
         if not state.queue:
             slot = await self._take(endpoint_id, state)
             if slot is not None:
@@ -169,7 +183,12 @@ class ConnectionGuards:
         state = self._state(endpoint_id, budget)
         if state.queue:
             return None
-        return await self._take(endpoint_id, state)
+        state.busy += 1
+        try:
+            return await self._take(endpoint_id, state)
+        finally:
+            state.busy -= 1
+            self._forget_if_idle(endpoint_id, state)
 
     async def _take(self, endpoint_id: str, state: _Endpoint) -> Slot | None:
         if state.live >= state.budget:
@@ -195,20 +214,23 @@ class ConnectionGuards:
         state.live += 1
         if state.live == 1:
             self.became_busy.set()
-        return Slot(endpoint_id, lease_name)
+        return Slot(endpoint_id, lease_name, state)
 
     def release(self, slot: Slot) -> None:
-        state = self._endpoints.get(slot.endpoint_id)
-        if state is None:
-            return
+        state = slot.state
         state.live -= 1
         if slot.lease is not None:
             state.leases.discard(slot.lease)
             self._drop_later(slot.endpoint_id, slot.lease)
         else:
             self.shared.announce_slot(slot.endpoint_id)
-        if state.live <= 0 and not state.queue and state.pump is None:
-            del self._endpoints[slot.endpoint_id]
+        self._forget_if_idle(slot.endpoint_id, state)
+
+    def _forget_if_idle(self, endpoint_id: str, state: _Endpoint) -> None:
+        """Drop an endpoint's entry once nothing here holds or wants a slot; an entry in
+        use is never dropped, so every slot returns to the object that counted it."""
+        if state.idle and self._endpoints.get(endpoint_id) is state:
+            del self._endpoints[endpoint_id]
 
     def _drop_later(self, endpoint_id: str, lease: str) -> None:
         """Give a lease back without making the caller wait (release runs in cleanup)."""
@@ -241,8 +263,7 @@ class ConnectionGuards:
                     self.release(slot)  # everyone queued gave up meanwhile
         finally:
             state.pump = None
-            if state.live <= 0 and not state.queue:
-                self._endpoints.pop(endpoint_id, None)
+            self._forget_if_idle(endpoint_id, state)
 
     async def compute_full(self, endpoint_id: str, attempt: int, deadline: float) -> bool:
         """The compute itself said 53300 at login (sessions it has that we do not
