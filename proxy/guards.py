@@ -43,6 +43,7 @@ RECHECK_SLICE = 0.25
 class _Endpoint:
     live: int = 0  # sessions of this replica holding a slot
     busy: int = 0  # acquires in progress (they hold this object across awaits)
+    taking: int = 0  # calls to the shared budget in flight
     budget: int = DEFAULT_BUDGET  # the latest the compute told us
     queue: collections.deque[asyncio.Future[Slot]] = field(default_factory=collections.deque)
     leases: set[str] = field(default_factory=set)
@@ -50,7 +51,8 @@ class _Endpoint:
 
     @property
     def idle(self) -> bool:
-        return self.live <= 0 and self.busy == 0 and not self.queue and self.pump is None
+        return (self.live <= 0 and self.busy == 0 and self.taking == 0 and not self.queue
+                and self.pump is None)
 
 
 @dataclass(eq=False)
@@ -80,6 +82,8 @@ class ConnectionGuards:
         self._leases = itertools.count(1)
         self._replica = secrets.token_hex(6)
         self._background: set[asyncio.Task[None]] = set()
+        self._drops: dict[str, list[str]] = {}  # leases to give back, per endpoint
+        self._flushing: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
         self.queued_total = 0
         self.refused_total = 0
@@ -134,6 +138,10 @@ class ConnectionGuards:
         return state
 
     # -- slots -------------------------------------------------------------------------
+    #
+    # Redis sees at most one take in flight per endpoint from the queue (plus one
+    # from an uncontended arrival), however large the herd: the queue's server takes
+    # as many leases as it has waiters in one call, and releases go back in batches.
 
     async def acquire(
         self, endpoint_id: str, budget: int | None = None, *, timeout: float | None = None
@@ -148,10 +156,10 @@ class ConnectionGuards:
             self._forget_if_idle(endpoint_id, state)
 
     async def _acquire(self, endpoint_id: str, state: _Endpoint, timeout: float | None) -> Slot:
-        if not state.queue:
-            slot = await self._take(endpoint_id, state)
-            if slot is not None:
-                return slot
+        if not state.queue and not state.taking:
+            slots = await self._take(endpoint_id, state, 1)
+            if slots:
+                return slots[0]
         self.queued_total += 1
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         state.queue.append(waiter)
@@ -159,7 +167,7 @@ class ConnectionGuards:
         wait = self.queue_timeout if timeout is None else min(timeout, self.queue_timeout)
         try:
             async with asyncio.timeout(max(wait, 0.0)):
-                return await waiter  # the pump hands a slot over (already counted)
+                return await waiter  # the queue's server hands a slot over (already counted)
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return waiter.result()  # the slot arrived just as the deadline did
@@ -179,49 +187,52 @@ class ConnectionGuards:
                 state.queue.remove(waiter)
 
     async def try_acquire(self, endpoint_id: str, budget: int | None = None) -> Slot | None:
-        """Take a slot only if one is free right now (no queue): for work done early."""
+        """Take a slot only if one is free right now (nobody queued, no take under way):
+        for work done early."""
         state = self._state(endpoint_id, budget)
-        if state.queue:
+        if state.queue or state.taking:
             return None
         state.busy += 1
         try:
-            return await self._take(endpoint_id, state)
+            slots = await self._take(endpoint_id, state, 1)
         finally:
             state.busy -= 1
             self._forget_if_idle(endpoint_id, state)
+        return slots[0] if slots else None
 
-    async def _take(self, endpoint_id: str, state: _Endpoint) -> Slot | None:
-        if state.live >= state.budget:
-            return None  # never more than the whole budget from one replica
-        lease = f"{self._replica}:{next(self._leases)}"
+    async def _take(self, endpoint_id: str, state: _Endpoint, want: int) -> list[Slot]:
+        want = min(want, state.budget - state.live)  # never more than the whole budget here
+        if want <= 0:
+            return []
+        leases = [f"{self._replica}:{next(self._leases)}" for _ in range(want)]
+        state.taking += 1
         try:
-            taken = await self.shared.take_slot(endpoint_id, lease, state.budget, LEASE_TTL)
+            taken = await self.shared.take_slots(endpoint_id, leases, state.budget, LEASE_TTL)
         except asyncio.CancelledError:
-            # The client gave up mid-call: the lease may be in Redis already. Give it
-            # back now rather than let it hold a slot until it lapses.
-            self._drop_later(endpoint_id, lease)
+            # Given up mid-call: the leases may be in Redis already. Give them back now
+            # rather than let them hold slots until they lapse.
+            self._drop_later(endpoint_id, leases)
             raise
+        finally:
+            state.taking -= 1
+        names: list[str | None]
         if taken is None:
             # No shared budget (in process, or Redis away): this replica's count decides.
-            if state.live >= state.budget:
-                return None
-            lease_name: str | None = None
-        elif not taken:
-            return None
+            names = [None] * max(0, min(want, state.budget - state.live))
         else:
-            lease_name = lease
-            state.leases.add(lease)
-        state.live += 1
-        if state.live == 1:
+            names = list(leases[:taken])
+            state.leases.update(leases[:taken])
+        if names and state.live == 0:
             self.became_busy.set()
-        return Slot(endpoint_id, lease_name, state)
+        state.live += len(names)
+        return [Slot(endpoint_id, name, state) for name in names]
 
     def release(self, slot: Slot) -> None:
         state = slot.state
         state.live -= 1
         if slot.lease is not None:
             state.leases.discard(slot.lease)
-            self._drop_later(slot.endpoint_id, slot.lease)
+            self._drop_later(slot.endpoint_id, [slot.lease])
         else:
             self.shared.announce_slot(slot.endpoint_id)
         self._forget_if_idle(slot.endpoint_id, state)
@@ -232,11 +243,23 @@ class ConnectionGuards:
         if state.idle and self._endpoints.get(endpoint_id) is state:
             del self._endpoints[endpoint_id]
 
-    def _drop_later(self, endpoint_id: str, lease: str) -> None:
-        """Give a lease back without making the caller wait (release runs in cleanup)."""
-        task = asyncio.get_running_loop().create_task(self.shared.drop_slot(endpoint_id, lease))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _drop_later(self, endpoint_id: str, leases: list[str]) -> None:
+        """Give leases back without making the caller wait (release runs in cleanup);
+        the leases released meanwhile go back together in one call."""
+        pending = self._drops.setdefault(endpoint_id, [])
+        pending.extend(leases)
+        if endpoint_id not in self._flushing:
+            self._flushing.add(endpoint_id)
+            task = asyncio.get_running_loop().create_task(self._flush_drops(endpoint_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _flush_drops(self, endpoint_id: str) -> None:
+        try:
+            while leases := self._drops.pop(endpoint_id, None):
+                await self.shared.drop_slots(endpoint_id, leases)
+        finally:
+            self._flushing.discard(endpoint_id)
 
     def _pump(self, endpoint_id: str, state: _Endpoint) -> None:
         if state.pump is None:
@@ -248,19 +271,21 @@ class ConnectionGuards:
         try:
             while state.queue:
                 freed = self.shared.slot_waiter(endpoint_id)
-                slot = await self._take(endpoint_id, state)
-                if slot is None:
+                waiting = sum(1 for waiter in state.queue if not waiter.done())
+                slots = await self._take(endpoint_id, state, max(1, waiting))
+                if not slots:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(RECHECK_SLICE * random.uniform(0.5, 1.5)):
                             await freed.wait()
                     continue
-                while state.queue:
-                    waiter = state.queue.popleft()
-                    if not waiter.done():
-                        waiter.set_result(slot)
-                        break
-                else:
-                    self.release(slot)  # everyone queued gave up meanwhile
+                for slot in slots:
+                    while state.queue:
+                        waiter = state.queue.popleft()
+                        if not waiter.done():
+                            waiter.set_result(slot)
+                            break
+                    else:
+                        self.release(slot)  # everyone queued gave up meanwhile
         finally:
             state.pump = None
             self._forget_if_idle(endpoint_id, state)

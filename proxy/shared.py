@@ -67,11 +67,12 @@ class SharedState(Protocol):
     async def get_cancel(self, key: str) -> SharedCancel | None: ...
     async def drop_cancel(self, key: str) -> None: ...
     # Session slots: one connection budget per endpoint, shared by every replica.
-    # take_slot answers None when there is no shared budget (in process, or Redis
+    # take_slots takes as many of `leases` (in order) as the budget has room for and
+    # says how many; None when there is no shared budget (in process, or Redis
     # unavailable): the caller then keeps to the budget on its own.
-    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
-                        ttl: float) -> bool | None: ...
-    async def drop_slot(self, endpoint_id: str, lease: str) -> None: ...
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None: ...
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None: ...
     async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None: ...
     def slot_waiter(self, endpoint_id: str) -> asyncio.Event: ...
     def announce_slot(self, endpoint_id: str | None) -> None: ...
@@ -197,11 +198,11 @@ class LocalShared:
 
     # Session slots: in one process the guards' own count is the whole budget.
 
-    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
-                        ttl: float) -> bool | None:
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None:
         return None
 
-    async def drop_slot(self, endpoint_id: str, lease: str) -> None:
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None:
         self.announce_slot(endpoint_id)
 
     async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
@@ -247,21 +248,22 @@ _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-_TAKE_SLOT = _NOW_MS + """
+_TAKE_SLOTS = _NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-return 1
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local n = math.min(math.max(room, 0), #ARGV - 2)
+for i = 1, n do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i + 2]) end
+if n > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) end
+return n
 """
 _RENEW_SLOTS = _NOW_MS + """
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return #ARGV - 1
 """
-_DROP_SLOT = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+_DROP_SLOTS = """
+for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
@@ -299,7 +301,7 @@ class RedisShared:
         self._cancel_pool: Any = cancel_pool
         self._redis: Any = aioredis.Redis(connection_pool=pool)
         self._cancel_redis: Any = aioredis.Redis(connection_pool=cancel_pool)
-        self.cancel_drops = 0  # cancel-key calls that found the cancel pool busy
+        self.cancel_drops = 0  # cancel-key calls that failed (busy pool, slow or no Redis)
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -324,15 +326,18 @@ class RedisShared:
         self.degraded = False
 
     async def _call(
-        self, what: str, fn: Callable[[], Any], *, pool_errors_degrade: bool = True
+        self, what: str, fn: Callable[[], Any], *, degrades: bool = True
     ) -> tuple[bool, Any]:
         if not self._usable():
             return False, None
         try:
             result = await fn()
         except (OSError, TimeoutError, _redis_errors()) as exc:
-            if not pool_errors_degrade and _pool_exhausted(exc):
-                self.cancel_drops += 1  # our own pool is busy: Redis itself is fine
+            if not degrades:
+                # A cancel-key call: dropped and counted. Whether Redis is really gone
+                # is for the wake path's own calls to find out, so a flood that makes
+                # cancel calls slow or busy never sends the wake path to local state.
+                self.cancel_drops += 1
                 return False, None
             self._failed(what, exc)
             return False, None
@@ -475,7 +480,7 @@ class RedisShared:
                            "secret": target.secret.hex()})
         ok, stored = await self._call("cancel-set", lambda: self._cancel_redis.set(
             f"{KEY_PREFIX}cancel:{key}", body, px=max(1, int(ttl * 1000)), nx=True),
-            pool_errors_degrade=False)
+            degrades=False)
         if ok and not stored:
             await self.local.drop_cancel(key)  # another replica holds this pair
             return False
@@ -487,7 +492,7 @@ class RedisShared:
             return hit
         name = f"{KEY_PREFIX}cancel:{key}"
         ok, raw = await self._call("cancel-get", lambda: self._cancel_redis.get(name),
-                                   pool_errors_degrade=False)
+                                   degrades=False)
         if not ok or raw is None:
             return None
         try:
@@ -501,7 +506,7 @@ class RedisShared:
         await self.local.drop_cancel(key)
         await self._call("cancel-del",
                          lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"),
-                         pool_errors_degrade=False)
+                         degrades=False)
 
 
     # Session slots.
@@ -510,18 +515,18 @@ class RedisShared:
     def _slots_key(endpoint_id: str) -> str:
         return KEY_PREFIX + "slots:" + endpoint_id
 
-    async def take_slot(self, endpoint_id: str, lease: str, budget: int,
-                        ttl: float) -> bool | None:
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None:
         ok, taken = await self._call("slot", lambda: self._redis.eval(
-            _TAKE_SLOT, 1, self._slots_key(endpoint_id), lease, budget,
-            max(1, int(ttl * 1000))))
-        return bool(taken) if ok else None
+            _TAKE_SLOTS, 1, self._slots_key(endpoint_id), budget, max(1, int(ttl * 1000)),
+            *leases))
+        return int(taken) if ok else None
 
-    async def drop_slot(self, endpoint_id: str, lease: str) -> None:
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None:
         self.local.announce_slot(endpoint_id)
         await self._call("slot-drop", lambda: self._redis.eval(
-            _DROP_SLOT, 1, self._slots_key(endpoint_id), lease, INVALIDATION_CHANNEL,
-            f"slot:{endpoint_id}"))
+            _DROP_SLOTS, 1, self._slots_key(endpoint_id), INVALIDATION_CHANNEL,
+            f"slot:{endpoint_id}", *leases))
 
     async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
         if leases:
@@ -534,11 +539,6 @@ class RedisShared:
 
     def announce_slot(self, endpoint_id: str | None) -> None:
         self.local.announce_slot(endpoint_id)
-
-
-def _pool_exhausted(exc: BaseException) -> bool:
-    """redis-py's BlockingConnectionPool timing out on a free connection (not Redis down)."""
-    return "No connection available" in str(exc)
 
 
 def _redis_errors() -> type[Exception]:
