@@ -137,7 +137,7 @@ async def herd(stack: BenchStack, redis_url: str, clients: int) -> dict[str, Any
             proc = await asyncio.create_subprocess_exec(
                 str(Path(sys.executable).with_name("pgwake")), "proxy", "--listen",
                 "127.0.0.1:0", "--data-dir", str(stack.data_dir), "--redis", redis_url,
-                "--endpoint-client-cap", "45", "--log-level", "warning",
+                "--log-level", "warning",
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
             )
             procs.append(proc)

@@ -369,7 +369,7 @@ def proxy_command(
     api_key: Annotated[str | None, typer.Option(envvar="PGWAKE_API_KEY", help="Control API key")] = None,
     domain: Annotated[str, typer.Option(envvar="PGWAKE_DOMAIN", help="SNI domain: <endpoint>.<domain>")] = "pgwake.localhost",
     wake_timeout: Annotated[float, typer.Option(envvar="PGWAKE_WAKE_TIMEOUT", help="Seconds a client waits for a wake before 57P03")] = 20.0,
-    endpoint_client_cap: Annotated[int, typer.Option(envvar="PGWAKE_ENDPOINT_CLIENT_CAP", help="Client sessions per endpoint on this proxy; past it, queue then 53300")] = 90,
+    endpoint_client_cap: Annotated[int | None, typer.Option(envvar="PGWAKE_ENDPOINT_CLIENT_CAP", help="Client sessions per endpoint (default: the compute's max_connections minus reserved slots, one budget across proxies sharing --redis); past it, queue then 53300")] = None,
     control_rate: Annotated[float, typer.Option(envvar="PGWAKE_CONTROL_RATE", help="Control-API wake calls per second (all proxies)")] = 50.0,
     address_cache_ttl: Annotated[float, typer.Option(envvar="PGWAKE_ADDRESS_CACHE_TTL", help="Seconds a compute address is cached")] = 60.0,
     allow_plaintext: Annotated[bool, typer.Option(envvar="PGWAKE_ALLOW_PLAINTEXT", help="Accept unencrypted clients")] = False,

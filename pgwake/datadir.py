@@ -61,6 +61,7 @@ def local_settings(
     run_as: str | None,
     port_range: tuple[int, int],
     ephemeral_dir: Path | None = None,
+    compute_settings: tuple[tuple[str, str], ...] = (),
 ) -> LocalSettings:
     """Where the local provisioner keeps computes, for `pgwake up` and `pgwake control`."""
     return LocalSettings(
@@ -69,6 +70,7 @@ def local_settings(
         pg_bin=pg_bin,
         run_as=run_as,
         port_range=port_range,
+        extra_settings=compute_settings,
     )
 
 

@@ -49,6 +49,9 @@ class UpSettings:
     pool_check_interval: float = 2.0
     redis_url: str | None = None  # shared proxy state + invalidations; None: in process
     proxy_overrides: tuple[tuple[str, object], ...] = ()  # extra ProxySettings fields
+    # PostgreSQL settings every compute starts with, over pgwake's own (tests: a small
+    # max_connections).
+    compute_settings: tuple[tuple[str, str], ...] = ()
 
 
 def _public_host(host: str) -> str:
@@ -89,7 +92,8 @@ class Up:
                 api_key=key,
                 public=public,
                 local=datadir.local_settings(
-                    s.data_dir, s.pg_bin, s.run_as, s.port_range, s.ephemeral_dir
+                    s.data_dir, s.pg_bin, s.run_as, s.port_range, s.ephemeral_dir,
+                    s.compute_settings,
                 ),
                 control=ControlSettings(
                     idle_timeout=s.idle_timeout, ephemeral_ttl=s.ephemeral_ttl

@@ -119,6 +119,12 @@ class ProxyServer:
         """Suspended or deleted: the next connect wakes instead of trying a dead port."""
         await self.state.wake.invalidate(endpoint_id)
 
+    def compute_full_retries(self) -> int:
+        return self.state.guards.compute_full_total
+
+    def cancels_dropped(self) -> int:
+        return self.state.cancels.rate_limited + int(getattr(self.shared, "cancel_drops", 0))
+
     @property
     def port(self) -> int:
         assert self._listener is not None
@@ -144,10 +150,12 @@ class ProxyServer:
             )
         await self.shared.start()
         self.state.guards = ConnectionGuards(
+            shared=self.shared,
             endpoint_cap=s.endpoint_client_cap,
             queue_timeout=s.endpoint_queue_timeout,
             connect_concurrency=s.compute_connect_concurrency,
         )
+        self.state.guards.start()
         # Accept only once the shared state and the guards every session uses are set.
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
@@ -209,6 +217,7 @@ class ProxyServer:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.state.wake.close()
         await self.state.roles.close()
+        await self.state.guards.close()
         if self._activity_task is not None:
             self._activity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

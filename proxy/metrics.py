@@ -78,6 +78,8 @@ class RuntimeSources(Protocol):
     def sessions_refused(self) -> int: ...
     def wake_calls(self) -> int: ...
     def stale_addresses_served(self) -> int: ...
+    def compute_full_retries(self) -> int: ...
+    def cancels_dropped(self) -> int: ...
 
 
 class _RuntimeCollector(Collector):
@@ -116,6 +118,17 @@ class _RuntimeCollector(Collector):
             "Connects sent to an endpoint's last known address past its TTL because the "
             "control plane was unreachable.",
             value=s.stale_addresses_served(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_compute_full_retries",
+            "Compute logins refused with 53300 (full with sessions the budget did not "
+            "see) and tried again.",
+            value=s.compute_full_retries(),
+        )
+        yield CounterMetricFamily(
+            "pgwake_cancel_requests_dropped",
+            "CancelRequests dropped unlooked-up: over their source's pace, or a flood.",
+            value=s.cancels_dropped(),
         )
 
 

@@ -23,7 +23,7 @@ from proxy.compute import (
 )
 from proxy.connlog import ConnectionLog
 from proxy.errors import ClientError, Kind
-from proxy.guards import ConnectionGuards
+from proxy.guards import ConnectionGuards, Slot
 from proxy.handshake import ClientHello, open_client
 from proxy.metrics import ProxyMetrics
 from proxy.pgwire import messages
@@ -134,14 +134,15 @@ class Session:
         self.log = SessionLog(next(_session_ids), peer)
         self._stream_box: list[Stream] = []
         self._compute: ComputeSession | None = None
-        self._slot: str | None = None  # the endpoint whose session slot this holds
+        self._slot: Slot | None = None  # this session's place under the endpoint's budget
+        self._deadline = 0.0  # the handshake deadline (event loop time)
         self.want_timing = False
         self.timeline = Timeline()
 
     async def run(self) -> None:
         self.timeline = Timeline()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.handshake_timeout
+        self._deadline = deadline = loop.time() + self.settings.handshake_timeout
         self.state.handshakes += 1
         try:
             try:
@@ -211,7 +212,7 @@ class Session:
 
     def _close(self) -> None:
         if self._slot is not None:
-            self.state.activity.session_ended(self._slot)
+            self.state.activity.session_ended(self._slot.endpoint_id)
             self.state.guards.release(self._slot)
             self._slot = None
         if self._compute is not None:
@@ -240,9 +241,13 @@ class Session:
             self.timeline.mark("tls", at=hello.tls_done)
         self.timeline.mark("startup")
         if hello.cancel is not None:
-            target = await self.state.cancels.lookup(hello.cancel.pid, hello.cancel.secret)
-            if target is not None:
-                await send_cancel(target)
+            # Paced per source address before any lookup, so a flood of made-up
+            # keys never reaches the shared state; like PostgreSQL, no answer either way.
+            cancels = self.state.cancels
+            if cancels.admit(self.log.client.rpartition(":")[0]):
+                target = await cancels.lookup(hello.cancel.pid, hello.cancel.secret)
+                if target is not None:
+                    await send_cancel(target)
             return None
         assert hello.startup is not None
         startup = hello.startup
@@ -440,19 +445,23 @@ class Session:
     ) -> ComputeSession:
         stream = self._stream_box[0]
         timeline = self.timeline
-        # A session slot under the endpoint's cap (queueing, then 53300), held to the end.
-        if self._slot is None:
-            await self.state.guards.acquire(endpoint)
-            self._slot = endpoint
-            self.state.activity.session_started(endpoint)
-        timeline.mark("queue")
         woken = await self._await_wake(wake, endpoint, stream)
         timeline.mark("wake")
+        guards = self.state.guards
+        loop = asyncio.get_running_loop()
         opened: ComputeSession | None = None
         if early is not None:
             with contextlib.suppress(ComputeUnreachable, ClientError):
                 opened = await early  # an early failure is retried below, as usual
-        for attempt in range(4):
+        # A session slot under the compute's budget (shared by all replicas; queueing,
+        # then 53300 just before the handshake deadline), held to the session's end.
+        if self._slot is None:
+            self._slot = await guards.acquire(
+                endpoint, woken.budget, timeout=self._deadline - loop.time() - 0.05)
+            self.state.activity.session_started(endpoint)
+        timeline.mark("queue")
+        attempt = full = 0
+        while attempt < 4:
             self.log.cold_start = woken.cold_start
             try:
                 async with self.state.guards.connecting(woken.address):
@@ -482,6 +491,17 @@ class Session:
                 log.info("session %d: compute %s unreachable: %s",
                          self.log.session_id, woken.address, exc)
             except ComputeRejected as exc:
+                if exc.sqlstate == "53300":
+                    # The compute is full with sessions the budget did not see (a replica
+                    # that lost Redis, direct clients): wait for room, within the deadline.
+                    full += 1
+                    if await guards.compute_full(endpoint, full, self._deadline - 0.05):
+                        continue
+                    raise ClientError(
+                        Kind.TOO_MANY, exc.fields.get("M", "too many connections"),
+                        sqlstate=exc.sqlstate, hint="Close idle connections or use a "
+                        "connection pool.",
+                    ) from None
                 # 57P03/57P01: starting up or shutting down (a suspend raced us);
                 # 28P01 from a *cached* address: the port now belongs to another compute.
                 stale = exc.sqlstate in ("57P03", "57P01") or (
@@ -497,6 +517,7 @@ class Session:
             await self.state.wake.invalidate(endpoint)
             if attempt:
                 await asyncio.sleep(0.02 * 2**attempt)  # backoff after the immediate retry
+            attempt += 1
             woken = await self._await_wake(
                 asyncio.create_task(self._wake(endpoint)), endpoint, stream
             )
@@ -524,9 +545,9 @@ class Session:
         if woken is None or woken.cold_start != "cached":
             return None
         if self._slot is None:
-            if not self.state.guards.try_acquire(endpoint):
+            self._slot = await self.state.guards.try_acquire(endpoint, woken.budget)
+            if self._slot is None:
                 return None
-            self._slot = endpoint
             self.state.activity.session_started(endpoint)
         async with self.state.guards.connecting(woken.address):
             return await open_session(

@@ -53,7 +53,10 @@ class ProxySettings:
     control_rate: float = 50.0  # control-API wake calls per second, all endpoints, all replicas
     control_burst: float = 20.0
     compute_connect_concurrency: int = 32  # concurrent connect+login attempts per compute
-    endpoint_client_cap: int = 90  # live client sessions per endpoint (compute max_connections 100)
-    endpoint_queue_timeout: float = 5.0  # wait this long for a slot under the cap, then 53300
+    # Live client sessions per endpoint. None: the compute's own budget (max_connections
+    # minus reserved slots, from the wake answer), shared by all replicas through Redis.
+    endpoint_client_cap: int | None = None
+    # Wait this long (within the handshake deadline) for a slot under the budget, then 53300.
+    endpoint_queue_timeout: float = 10.0
     activity_interval: float = 1.0  # report per-endpoint connection counts this often
     cancel_key_ttl: float = 24 * 3600.0

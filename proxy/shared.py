@@ -27,20 +27,25 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "pgwake:"
 # After a Redis error, skip Redis for this long before trying it again.
 REDIS_RETRY_AFTER = 1.0
+# Redis connections per replica: the wake path's pool, and cancel keys' own.
+WAKE_POOL_SIZE = 32
+CANCEL_POOL_SIZE = 8
 
 
 @dataclass(frozen=True)
 class CachedAddress:
     address: ComputeAddress
     generation: int
+    budget: int | None = None  # client sessions the compute admits (from the wake answer)
 
 
 @dataclass(frozen=True)
 class SharedCancel:
+    """Where a client's cancel key leads: the compute and its own (PID, secret)."""
+
     address: ComputeAddress
     pid: int
     secret: bytes
-    proxy_secret: bytes = b""  # the key the client holds; checked by the replica it reaches
 
 
 class SharedState(Protocol):
@@ -59,9 +64,19 @@ class SharedState(Protocol):
     def waiter(self, endpoint_id: str) -> asyncio.Event: ...
     async def wait_woken(self, endpoint_id: str, timeout: float) -> None: ...
     async def take_token(self, bucket: str, rate: float, burst: float) -> float: ...
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None: ...
-    async def get_cancel(self, pid: int) -> SharedCancel | None: ...
-    async def drop_cancel(self, pid: int) -> None: ...
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool: ...
+    async def get_cancel(self, key: str) -> SharedCancel | None: ...
+    async def drop_cancel(self, key: str) -> None: ...
+    # Session slots: one connection budget per endpoint, shared by every replica.
+    # take_slots takes as many of `leases` (in order) as the budget has room for and
+    # says how many; None when there is no shared budget (in process, or Redis
+    # unavailable): the caller then keeps to the budget on its own.
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None: ...
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None: ...
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None: ...
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event: ...
+    def announce_slot(self, endpoint_id: str | None) -> None: ...
 
 
 def jittered(ttl: float) -> float:
@@ -82,7 +97,8 @@ class LocalShared:
         self._locks: dict[str, tuple[float, str]] = {}
         self._woken: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
-        self._cancels: dict[int, tuple[float, SharedCancel]] = {}
+        self._cancels: dict[str, tuple[float, SharedCancel]] = {}
+        self._slot_freed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         return None
@@ -188,19 +204,53 @@ class LocalShared:
         self._buckets[bucket] = (tokens, now)
         return (1.0 - tokens) / rate
 
-    # Cancel keys.
+    # Cancel keys: `key` names a (PID, secret) pair; False when it is taken already.
 
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
-        self._cancels[pid] = (self.clock() + ttl, target)
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool:
+        now = self.clock()
+        entry = self._cancels.get(key)
+        if entry is not None and entry[0] > now:
+            return False
+        self._cancels[key] = (now + ttl, target)
+        return True
 
-    async def get_cancel(self, pid: int) -> SharedCancel | None:
-        entry = self._cancels.get(pid)
+    async def get_cancel(self, key: str) -> SharedCancel | None:
+        entry = self._cancels.get(key)
         if entry is None or entry[0] <= self.clock():
             return None
         return entry[1]
 
-    async def drop_cancel(self, pid: int) -> None:
-        self._cancels.pop(pid, None)
+    async def drop_cancel(self, key: str) -> None:
+        self._cancels.pop(key, None)
+
+    # Session slots: in one process the guards' own count is the whole budget.
+
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None:
+        return None
+
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None:
+        self.announce_slot(endpoint_id)
+
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
+        return None
+
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event:
+        event = self._slot_freed.get(endpoint_id)
+        if event is None:
+            event = self._slot_freed[endpoint_id] = asyncio.Event()
+        return event
+
+    def announce_slot(self, endpoint_id: str | None) -> None:
+        """A session slot came free (any endpoint's for None): queued sessions try again."""
+        if endpoint_id is None:
+            events = list(self._slot_freed.values())
+            self._slot_freed.clear()
+        else:
+            event = self._slot_freed.pop(endpoint_id, None)
+            events = [event] if event is not None else []
+        for event in events:
+            event.set()
 
 
 # A token bucket in one round trip: returns 0 when a token was taken, else the
@@ -216,6 +266,32 @@ if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 100
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return wait
+"""
+
+# Session slots are leases in a sorted set scored by expiry (Redis's own clock, so
+# replicas' clocks do not matter): a replica that dies stops renewing its leases
+# and its slots come back when they expire.
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+_TAKE_SLOTS = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local n = math.min(math.max(room, 0), #ARGV - 2)
+for i = 1, n do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i + 2]) end
+if n > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) end
+return n
+"""
+_RENEW_SLOTS = _NOW_MS + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return #ARGV - 1
+"""
+_DROP_SLOTS = """
+for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
 """
 
 _UNLOCK = """
@@ -236,13 +312,23 @@ class RedisShared:
         self.errors = 0
         self.degraded = False
         self._retry_at = 0.0
-        # A bounded pool that queues callers (briefly) instead of failing them.
+        # Bounded pools that queue callers (briefly) instead of failing them: one
+        # for the wake path (addresses, locks, buckets, session slots), a small one
+        # for cancel keys, so that cancels can never starve a wake of connections.
+        # Named, so `CLIENT LIST` shows which pool a connection belongs to.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=0.5, socket_connect_timeout=0.5,
-            socket_timeout=0.5,
+            url, max_connections=WAKE_POOL_SIZE, timeout=0.5, socket_connect_timeout=0.5,
+            socket_timeout=0.5, client_name="pgwake-proxy",
+        )
+        cancel_pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=CANCEL_POOL_SIZE, timeout=0.25, socket_connect_timeout=0.5,
+            socket_timeout=0.5, client_name="pgwake-proxy-cancel",
         )
         self._pool: Any = pool
+        self._cancel_pool: Any = cancel_pool
         self._redis: Any = aioredis.Redis(connection_pool=pool)
+        self._cancel_redis: Any = aioredis.Redis(connection_pool=cancel_pool)
+        self.cancel_drops = 0  # cancel-key calls that failed (busy pool, slow or no Redis)
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -266,12 +352,20 @@ class RedisShared:
             self.local.forget(None)
         self.degraded = False
 
-    async def _call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    async def _call(
+        self, what: str, fn: Callable[[], Any], *, degrades: bool = True
+    ) -> tuple[bool, Any]:
         if not self._usable():
             return False, None
         try:
             result = await fn()
         except (OSError, TimeoutError, _redis_errors()) as exc:
+            if not degrades:
+                # A cancel-key call: dropped and counted. Whether Redis is really gone
+                # is for the wake path's own calls to find out, so a flood that makes
+                # cancel calls slow or busy never sends the wake path to local state.
+                self.cancel_drops += 1
+                return False, None
             self._failed(what, exc)
             return False, None
         self._ok()
@@ -289,7 +383,10 @@ class RedisShared:
         with contextlib.suppress(Exception):
             await self._redis.aclose()
         with contextlib.suppress(Exception):
-            await self._pool.disconnect()
+            await self._cancel_redis.aclose()
+        for pool in (self._pool, self._cancel_pool):
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
 
     async def _listen(self) -> None:
         """Follow the invalidation channel; resubscribe with backoff when Redis goes away."""
@@ -312,6 +409,7 @@ class RedisShared:
                 self._failed("subscribe", exc)
                 self.local.forget(None)
                 self.local.announce(None)  # waiters re-check rather than wait for a lost event
+                self.local.announce_slot(None)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -320,6 +418,9 @@ class RedisShared:
 
     def _on_event(self, data: bytes) -> None:
         kind, _, endpoint_id = data.decode(errors="replace").partition(":")
+        if kind == "slot":
+            self.local.announce_slot(endpoint_id)
+            return
         if kind == "invalidate":
             self.local.forget(endpoint_id)
         self.local.announce(endpoint_id)
@@ -336,7 +437,9 @@ class RedisShared:
             return None
         try:
             data = json.loads(raw)
-            value = CachedAddress(ComputeAddress.parse(data["address"]), int(data["generation"]))
+            budget = data.get("budget")
+            value = CachedAddress(ComputeAddress.parse(data["address"]), int(data["generation"]),
+                                  None if budget is None else int(budget))
             ttl_left = float(data["expires"]) - time.time()
         except (ValueError, KeyError, TypeError):
             return None
@@ -347,7 +450,7 @@ class RedisShared:
     async def put_address(self, endpoint_id: str, value: CachedAddress, ttl: float) -> None:
         await self.local.put_address(endpoint_id, value, ttl)
         body = json.dumps({"address": str(value.address), "generation": value.generation,
-                           "expires": time.time() + ttl})
+                           "budget": value.budget, "expires": time.time() + ttl})
         await self._call("set", lambda: self._redis.set(
             KEY_PREFIX + "addr:" + endpoint_id, body, px=max(1, int(ttl * 1000))))
         await self._call("publish", lambda: self._redis.publish(
@@ -396,33 +499,76 @@ class RedisShared:
             return await self.local.take_token(bucket, rate, burst)
         return float(wait_ms) / 1000.0
 
-    async def put_cancel(self, pid: int, target: SharedCancel, ttl: float) -> None:
-        await self.local.put_cancel(pid, target, ttl)
-        body = json.dumps({"address": str(target.address), "pid": target.pid,
-                           "secret": target.secret.hex(),
-                           "proxy_secret": target.proxy_secret.hex()})
-        await self._call("cancel-set", lambda: self._redis.set(
-            f"{KEY_PREFIX}cancel:{pid}", body, px=max(1, int(ttl * 1000))))
+    # Cancel keys go through their own small pool (`_cancel_redis`): a flood of
+    # CancelRequests can fill that pool, never the one the wake path uses, and a
+    # cancel that finds it busy is dropped without marking Redis unavailable.
 
-    async def get_cancel(self, pid: int) -> SharedCancel | None:
-        hit = await self.local.get_cancel(pid)
+    async def put_cancel(self, key: str, target: SharedCancel, ttl: float) -> bool:
+        if not await self.local.put_cancel(key, target, ttl):
+            return False
+        body = json.dumps({"address": str(target.address), "pid": target.pid,
+                           "secret": target.secret.hex()})
+        ok, stored = await self._call("cancel-set", lambda: self._cancel_redis.set(
+            f"{KEY_PREFIX}cancel:{key}", body, px=max(1, int(ttl * 1000)), nx=True),
+            degrades=False)
+        if ok and not stored:
+            await self.local.drop_cancel(key)  # another replica holds this pair
+            return False
+        return True
+
+    async def get_cancel(self, key: str) -> SharedCancel | None:
+        hit = await self.local.get_cancel(key)
         if hit is not None:
             return hit
-        key = f"{KEY_PREFIX}cancel:{pid}"
-        ok, raw = await self._call("cancel-get", lambda: self._redis.get(key))
+        name = f"{KEY_PREFIX}cancel:{key}"
+        ok, raw = await self._call("cancel-get", lambda: self._cancel_redis.get(name),
+                                   degrades=False)
         if not ok or raw is None:
             return None
         try:
             data = json.loads(raw)
             return SharedCancel(ComputeAddress.parse(data["address"]), int(data["pid"]),
-                                bytes.fromhex(data["secret"]),
-                                bytes.fromhex(data.get("proxy_secret", "")))
+                                bytes.fromhex(data["secret"]))
         except (ValueError, KeyError, TypeError):
             return None
 
-    async def drop_cancel(self, pid: int) -> None:
-        await self.local.drop_cancel(pid)
-        await self._call("cancel-del", lambda: self._redis.delete(f"{KEY_PREFIX}cancel:{pid}"))
+    async def drop_cancel(self, key: str) -> None:
+        await self.local.drop_cancel(key)
+        await self._call("cancel-del",
+                         lambda: self._cancel_redis.delete(f"{KEY_PREFIX}cancel:{key}"),
+                         degrades=False)
+
+
+    # Session slots.
+
+    @staticmethod
+    def _slots_key(endpoint_id: str) -> str:
+        return KEY_PREFIX + "slots:" + endpoint_id
+
+    async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
+                         ttl: float) -> int | None:
+        ok, taken = await self._call("slot", lambda: self._redis.eval(
+            _TAKE_SLOTS, 1, self._slots_key(endpoint_id), budget, max(1, int(ttl * 1000)),
+            *leases))
+        return int(taken) if ok else None
+
+    async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None:
+        self.local.announce_slot(endpoint_id)
+        await self._call("slot-drop", lambda: self._redis.eval(
+            _DROP_SLOTS, 1, self._slots_key(endpoint_id), INVALIDATION_CHANNEL,
+            f"slot:{endpoint_id}", *leases))
+
+    async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
+        if leases:
+            await self._call("slot-renew", lambda: self._redis.eval(
+                _RENEW_SLOTS, 1, self._slots_key(endpoint_id), max(1, int(ttl * 1000)),
+                *leases))
+
+    def slot_waiter(self, endpoint_id: str) -> asyncio.Event:
+        return self.local.slot_waiter(endpoint_id)
+
+    def announce_slot(self, endpoint_id: str | None) -> None:
+        self.local.announce_slot(endpoint_id)
 
 
 def _redis_errors() -> type[Exception]:

@@ -15,11 +15,11 @@ from collections.abc import Callable
 # In connection order. tls: accept → TLS handshake done (plaintext: 0);
 # startup: → StartupMessage read; admit: routing and front-door limits;
 # verifier: the role's SCRAM verifier (cache or control API); auth: SCRAM with the
-# client; queue: waiting for a session slot under the endpoint's cap; wake: the
-# address (cache, or the wake still running after auth); compute: connect and
+# client; wake: the address (cache, or the wake still running after auth); queue:
+# waiting for a session slot under the compute's connection budget; compute: connect and
 # log in to the compute (retries included); finish: cancel key, ParameterStatus
 # and the rest up to ReadyForQuery.
-PHASES = ("tls", "startup", "admit", "verifier", "auth", "queue", "wake", "compute", "finish")
+PHASES = ("tls", "startup", "admit", "verifier", "auth", "wake", "queue", "compute", "finish")
 
 
 class Timeline:

@@ -43,10 +43,11 @@ class Woken:
     address: ComputeAddress
     cold_start: str  # warm | resumed | pool_hit | pool_miss | cached | stale
     generation: int
+    budget: int | None = None  # client sessions the compute admits, if the control plane says
 
 
 def _cached(value: CachedAddress) -> Woken:
-    return Woken(value.address, "cached", value.generation)
+    return Woken(value.address, "cached", value.generation, value.budget)
 
 
 class WakeClient:
@@ -177,13 +178,19 @@ class WakeClient:
                 if stale is not None:
                     return stale
             raise error from exc
-        woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation)
-        await self._put(endpoint_id, woken.address, woken.generation)
+        woken = Woken(ComputeAddress.parse(answer.address), answer.cold_start, answer.generation,
+                      answer.connection_budget)
+        await self._put(endpoint_id, woken.address, woken.generation, woken.budget)
         return woken
 
-    async def _put(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
+    async def _put(
+        self, endpoint_id: str, address: ComputeAddress, generation: int,
+        budget: int | None = None,
+    ) -> None:
         ttl = jittered(self.settings.address_cache_ttl)
-        await self.shared.put_address(endpoint_id, CachedAddress(address, generation), ttl)
+        await self.shared.put_address(
+            endpoint_id, CachedAddress(address, generation, budget), ttl
+        )
         self._refresh_at[endpoint_id] = self.clock() + ttl * self.settings.address_refresh_after
 
     def _stale(self, endpoint_id: str) -> Woken | None:
@@ -193,7 +200,7 @@ class WakeClient:
             return None
         self.stale_served += 1
         log.warning("control plane unreachable: serving %s's last known address", endpoint_id)
-        return Woken(value.address, "stale", value.generation)
+        return Woken(value.address, "stale", value.generation, value.budget)
 
     def _maybe_refresh(self, endpoint_id: str) -> None:
         """Renew a busy endpoint's address in the background once it is due."""

@@ -152,6 +152,9 @@ class Wake(BaseModel):
     generation: int
     cold_start: ColdStartName
     duration_seconds: float
+    # Client sessions the compute admits (max_connections minus reserved slots): the
+    # budget all proxies share. None from a control plane that does not say.
+    connection_budget: int | None = None
 
 
 class Role(BaseModel):

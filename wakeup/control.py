@@ -47,6 +47,7 @@ class WakeResult:
     generation: int
     cold_start: ColdStart
     duration: float
+    connection_budget: int | None = None  # client sessions the compute admits
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,8 @@ class ControlPlane:
         if warm is not None:
             # A wake asked for is activity: the idle clock starts again.
             await self.store.touch(endpoint_id)
-            return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started)
+            return WakeResult(warm, endpoint.generation, ColdStart.WARM, self.clock() - started,
+                              self._budget(endpoint))
         async with self._lock(endpoint_id):
             endpoint = await self._endpoint(endpoint_id)
             warm = await self._warm_address(endpoint)
@@ -339,7 +341,8 @@ class ControlPlane:
                 # Someone else's wake finished while we queued for the lock.
                 await self.store.touch(endpoint_id)
                 return WakeResult(
-                    warm, endpoint.generation, ColdStart.WARM, self.clock() - started
+                    warm, endpoint.generation, ColdStart.WARM, self.clock() - started,
+                    self._budget(endpoint),
                 )
             endpoint = await self._start(endpoint, counted=True)
             assert endpoint.address is not None
@@ -350,7 +353,11 @@ class ControlPlane:
                 endpoint.generation,
                 ColdStart.RESUMED,
                 duration,
+                self._budget(endpoint),
             )
+
+    def _budget(self, endpoint: EndpointRow) -> int:
+        return self.provisioner.connection_budget(size_class_of(endpoint.size))
 
     async def _warm_address(self, endpoint: EndpointRow) -> ComputeAddress | None:
         if endpoint.state is not State.ACTIVE or endpoint.compute_id is None:

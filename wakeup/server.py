@@ -178,6 +178,7 @@ def create_app(
             generation=result.generation,
             cold_start=result.cold_start.value,
             duration_seconds=round(result.duration, 6),
+            connection_budget=result.connection_budget,
         )
 
     @app.post(v1 + "/endpoints/{endpoint_id}/resize", dependencies=auth)

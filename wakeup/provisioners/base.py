@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,7 +12,26 @@ from wakeup.sizes import SizeClass
 
 __all__ = [
     "AdminTarget", "ComputeAddress", "Provisioner", "ProvisionerError", "RunningServer", "Tier",
+    "connection_budget",
 ]
+
+# PostgreSQL's own defaults for the settings that decide how many clients get in.
+_PG_DEFAULTS = {"max_connections": 100, "superuser_reserved_connections": 3,
+                "reserved_connections": 0}
+
+
+def connection_budget(settings: Mapping[str, str | int]) -> int:
+    """Client sessions a compute admits: `max_connections` minus the slots PostgreSQL
+    keeps for superusers (the control plane's admin) and for `pg_use_reserved_connections`.
+    Proxies share this budget, so a herd never meets "remaining connection slots are
+    reserved" at the compute."""
+
+    def value(name: str) -> int:
+        return int(settings.get(name, _PG_DEFAULTS[name]))
+
+    budget = (value("max_connections") - value("superuser_reserved_connections")
+              - value("reserved_connections"))
+    return max(1, budget)
 
 
 class Tier(enum.StrEnum):
@@ -79,6 +99,10 @@ class Provisioner(Protocol):
 
     def admin_target(self, compute_id: str, tier: Tier) -> AdminTarget:
         """Superuser access for applying config."""
+
+    def connection_budget(self, size: SizeClass) -> int:
+        """Client sessions a compute of this size admits (`connection_budget` of its
+        settings)."""
 
     async def close(self) -> None:
         """Stop every compute this provisioner runs."""

@@ -11,7 +11,13 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wakeup.provisioners.base import AdminTarget, ComputeAddress, ProvisionerError, Tier
+from wakeup.provisioners.base import (
+    AdminTarget,
+    ComputeAddress,
+    ProvisionerError,
+    Tier,
+    connection_budget,
+)
 from wakeup.provisioners.pgbin import (
     PgBinaries,
     RunAs,
@@ -89,6 +95,12 @@ class LocalProvisioner:
         if not compute_id.replace("-", "").isalnum():
             raise ProvisionerError(f"invalid compute id {compute_id!r}")
         return self._base(tier) / compute_id
+
+    def connection_budget(self, size: SizeClass) -> int:
+        # A local compute runs its size class's settings with `extra_settings` on top.
+        return connection_budget(
+            {**dict(size.postgres_settings()), **dict(self.settings.extra_settings)}
+        )
 
     def _template_dir(self) -> Path:
         assert self.binaries is not None
