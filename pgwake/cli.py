@@ -42,8 +42,15 @@ DataDir = Annotated[
 def _run(coro: Awaitable[T]) -> T:
     import uvloop
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)  # type: ignore[arg-type]
+    from pgwake.instance import StartupFailure
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)  # type: ignore[arg-type]
+    except StartupFailure as exc:
+        # Something the user can fix (data dir in use, address taken): say it, no traceback.
+        sys.stderr.write(f"pgwake: {exc}\n")
+        raise typer.Exit(1) from None
 
 
 def _hostport(value: str, what: str) -> tuple[str, int]:

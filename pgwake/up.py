@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from pgwake import datadir
+from pgwake.instance import InstanceLock, bind_listener
 from proxy.app import ProxyServer
 from proxy.connlog import ConnectionLog
 from proxy.metrics import ProxyMetrics
@@ -21,7 +22,7 @@ from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
-from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
+from wakeup.service import ControlService, ControlServiceSettings
 from wakeup.urls import PublicAddress
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,26 @@ class Up:
         self.api_key_file: Path | None = None
         self.certs: datadir.DevCertificates | None = None
         self.registry = CollectorRegistry()
+        self.lock = InstanceLock(settings.data_dir)
 
     async def start(self) -> None:
         s = self.settings
         datadir.prepare(s.data_dir)
-        key, self.api_key_file = datadir.api_key(s.data_dir, s.api_key)
-        self.certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.domain)
-        proxy_sock = bind_tcp(*s.listen)
-        api_sock = bind_tcp(*s.api)
+        # Before anything else in the directory: a second instance must not touch
+        # the first one's control DB, computes or state file.
+        self.lock.acquire()
+        try:
+            key, self.api_key_file = datadir.api_key(s.data_dir, s.api_key)
+            self.certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.domain)
+            proxy_sock = bind_listener(*s.listen, "--listen")
+            try:
+                api_sock = bind_listener(*s.api, "--api")
+            except BaseException:
+                proxy_sock.close()
+                raise
+        except BaseException:
+            self.lock.release()
+            raise
         proxy_port = proxy_sock.getsockname()[1]
         public = PublicAddress(
             domain=s.domain,
@@ -157,6 +170,7 @@ class Up:
         if self.client is not None:
             await self.client.aclose()
         (self.settings.data_dir / datadir.STATE_FILE).unlink(missing_ok=True)
+        self.lock.release()
 
 
 async def run_forever(up: Up, banner: bool = True) -> None:
