@@ -68,6 +68,13 @@ def tls_capable_bindir() -> Path:
     )
 
 
+def bench_env() -> dict[str, str]:
+    """The environment for the pgwake processes a benchmark starts: default settings,
+    whatever the caller's shell exports (every option reads PGWAKE_<OPTION>, and a
+    PGWAKE_API_KEY would also leave no key file in the data directory to read)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PGWAKE_")}
+
+
 @dataclass
 class BenchStack:
     data_dir: Path
@@ -128,7 +135,7 @@ async def running_stack(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
         env={
-            **os.environ,
+            **bench_env(),
             "PGWAKE_DATA_DIR": str(directory),
             "PGWAKE_PG_BIN": str(bindir or pg_bindir()),
             "PGWAKE_PORT_RANGE": f"{base}-{base + 199}",

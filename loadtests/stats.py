@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,11 +64,29 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def plot_cdf(path: Path, title: str, series_ms: Mapping[str, Sequence[float]]) -> Path:
-    import matplotlib
+NO_PLOTS = (
+    "loadtests: matplotlib is not installed, so no PNG plots (the JSON results are written);"
+    " for plots: ./dev loadtests …, or .venv/bin/pip install -e '.[loadtests]'"
+)
 
+
+def _pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None (plots are optional) with a note."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(NO_PLOTS, file=sys.stderr, flush=True)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdf(path: Path, title: str, series_ms: Mapping[str, Sequence[float]]) -> Path | None:
+    plt = _pyplot()
+    if plt is None:
+        return None
     from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -90,11 +109,10 @@ def plot_cdf(path: Path, title: str, series_ms: Mapping[str, Sequence[float]]) -
     return path
 
 
-def plot_bars(path: Path, title: str, values: Mapping[str, float], ylabel: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_bars(path: Path, title: str, values: Mapping[str, float], ylabel: str) -> Path | None:
+    plt = _pyplot()
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = list(values)

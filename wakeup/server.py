@@ -167,7 +167,15 @@ def create_app(
 
     @app.post(v1 + "/endpoints/{endpoint_id}/suspend", dependencies=auth)
     async def suspend(endpoint_id: str) -> Endpoint:
-        await control.suspend(checked_id(endpoint_id))
+        ep = await control.get(checked_id(endpoint_id))
+        if ep.tier == Tier.EPHEMERAL:
+            # The contract: ephemeral endpoints run until deleted (or their TTL).
+            raise APIProblem(
+                409, "ephemeral_not_suspendable",
+                f"endpoint {endpoint_id} is ephemeral: ephemeral endpoints are never "
+                "suspended (delete it when done)",
+            )
+        await control.suspend(endpoint_id)
         return _endpoint_out(await control.get(endpoint_id), public)
 
     @app.post(v1 + "/endpoints/{endpoint_id}/wake", dependencies=auth)

@@ -21,7 +21,9 @@ PSQL = shutil.which("psql") or "psql"
 
 
 class UpProcess:
-    def __init__(self, data_dir: Path, pg_bin: Path, idle_timeout: float = 3600):
+    def __init__(self, data_dir: Path, pg_bin: Path, idle_timeout: float = 3600,
+                 env: dict[str, str] | None = None):
+        self.env = env or {}
         self.data_dir = data_dir
         self.pg_bin = pg_bin
         self.idle_timeout = idle_timeout
@@ -35,7 +37,7 @@ class UpProcess:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PGWAKE_DATA_DIR": str(self.data_dir),
-                 "PGWAKE_PG_BIN": str(self.pg_bin)},
+                 "PGWAKE_PG_BIN": str(self.pg_bin), **self.env},
         )
         assert self.proc.stdout is not None
         async with asyncio.timeout(60):

@@ -83,3 +83,26 @@ async def test_resize_quick(tmp_path: Path) -> None:
     assert result["queries"] > 0
     assert (tmp_path / "resize.png").read_bytes().startswith(PNG_MAGIC)
     assert "longest client stall" in out
+
+
+NO_MATPLOTLIB = (
+    "import runpy, sys; sys.modules['matplotlib'] = None; "  # as if it were not installed
+    "runpy.run_module('loadtests', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.mark.timeout(600)
+async def test_runs_without_matplotlib_and_with_pgwake_settings_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    # A user's shell may export PGWAKE_API_KEY (and other options): the benchmark still
+    # starts its own pgwake with default settings and finds its key.
+    env = {"PGWAKE_API_KEY": "pgw_from_the_users_shell", "PGWAKE_POOL_SIZE": "3"}
+    code, stdout, stderr = await run(
+        sys.executable, "-c", NO_MATPLOTLIB, "connect", "--scenario", "warm", "--quick",
+        "--out", str(tmp_path), env=env, timeout=600,
+    )
+    assert code == 0, stdout + stderr
+    assert "matplotlib is not installed" in stderr and ".[loadtests]" in stderr
+    assert json.loads((tmp_path / "connect-warm.json").read_text())["stats"]
+    assert not (tmp_path / "connect-warm.png").exists()
