@@ -21,6 +21,7 @@ from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
+from wakeup.provisioners.kubernetes import KubernetesSettings
 from wakeup.service import ControlService, ControlServiceSettings, bind_tcp
 from wakeup.urls import PublicAddress
 
@@ -49,6 +50,7 @@ class UpSettings:
     pool_check_interval: float = 2.0
     redis_url: str | None = None  # shared proxy state + invalidations; None: in process
     proxy_overrides: tuple[tuple[str, object], ...] = ()  # extra ProxySettings fields
+    kubernetes: KubernetesSettings | None = None  # computes as pods instead of processes
 
 
 def _public_host(host: str) -> str:
@@ -96,6 +98,7 @@ class Up:
                 ),
                 control_db_url=s.control_db_url,
                 redis_url=s.redis_url,
+                kubernetes=s.kubernetes,
                 pool=PoolSettings(
                     sizes={PoolKey(Tier.DURABLE): s.pool_size},
                     max_age=s.pool_max_age,
