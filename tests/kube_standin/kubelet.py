@@ -72,16 +72,31 @@ class Container(PostgresProcess):
         if proc is None:
             return
         postmaster = read_postmaster_pid(self.options.pgdata)
+        members = _group_members(proc.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         await wait_pid_exit(proc, 10.0)
         if postmaster is not None:
             await wait_pid_exit(postmaster.pid, 10.0)
+        # Every backend too: one still attached to the shared memory would make the
+        # next postmaster on this volume refuse to start.
+        for pid in members:
+            await wait_pid_exit(pid, 10.0)
         await self._finish_relay()
 
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc is not None else None
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry)) == pgid and int(entry) != pgid:
+                    members.append(int(entry))
+    return members
 
 
 class PodSandbox:

@@ -69,6 +69,7 @@ class KubeStandin:
         self.compacted = 0  # versions at or below this are too old to watch from
         self.watchers: set[asyncio.Queue[Obj | None]] = set()
         self.calls: dict[tuple[str, str], int] = {}
+        self.call_log: list[tuple[str, str, str]] = []  # (verb, resource, object name)
         self.sandboxes: dict[str, PodSandbox] = {}  # by pod uid
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_ip = 1
@@ -87,9 +88,10 @@ class KubeStandin:
         app.router.add_post(base, self._create)
         app.router.add_get(base + "/{name}", self._get)
         app.router.add_delete(base + "/{name}", self._delete)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         server = site._server
         assert server is not None
@@ -122,8 +124,9 @@ class KubeStandin:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _count(self, verb: str, resource: str) -> None:
+    def _count(self, verb: str, resource: str, name: str = "") -> None:
         self.calls[(verb, resource)] = self.calls.get((verb, resource), 0) + 1
+        self.call_log.append((verb, resource, name))
 
     # -- the object store -------------------------------------------------------------
 
@@ -166,8 +169,8 @@ class KubeStandin:
         if isinstance(where, web.Response):
             return where
         namespace, resource = where
-        self._count("create", resource)
         obj = await request.json()
+        self._count("create", resource, str((obj.get("metadata") or {}).get("name")))
         if obj.get("kind") != KINDS[resource]:
             return _status(400, "BadRequest", f"kind {obj.get('kind')!r} in {resource}")
         if self.validate:
@@ -197,7 +200,7 @@ class KubeStandin:
         if isinstance(where, web.Response):
             return where
         namespace, resource = where
-        self._count("get", resource)
+        self._count("get", resource, request.match_info["name"])
         obj = self.objects.get((namespace, resource, request.match_info["name"]))
         if obj is None:
             return _status(404, "NotFound", f'{resource} "{request.match_info["name"]}" not found')
@@ -208,7 +211,7 @@ class KubeStandin:
         if isinstance(where, web.Response):
             return where
         namespace, resource = where
-        self._count("delete", resource)
+        self._count("delete", resource, request.match_info["name"])
         name = request.match_info["name"]
         obj = self.objects.get((namespace, resource, name))
         if obj is None:
@@ -235,7 +238,7 @@ class KubeStandin:
             return where
         namespace, resource = where
         selector = request.query.get("labelSelector", "")
-        if request.query.get("watch") in ("true", "1"):
+        if request.query.get("watch", "").lower() in ("true", "1"):  # Go ParseBool
             return await self._watch(request, namespace, resource, selector)
         self._count("list", resource)
         items = [obj for (ns, res, _), obj in sorted(self.objects.items())
@@ -293,7 +296,12 @@ class KubeStandin:
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stand-in task %s failed", task.get_name(), exc_info=task.exception())
 
     def _pod_ip(self) -> str:
         n = self._next_ip

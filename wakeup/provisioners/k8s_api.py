@@ -130,7 +130,10 @@ class KubeAPI:
         attempt = 0
         while True:
             try:
-                return await self._once(verb, resource, self.namespace, *args, **kwargs)
+                # By keyword: the generated methods take (name, namespace) for one
+                # object but (namespace, body) for a create.
+                return await self._once(verb, resource, *args, namespace=self.namespace,
+                                        **kwargs)
             except _Retryable as exc:
                 error: Exception = exc.error
                 wait = max(min(exc.retry_after or 0.0, self.backoff.maximum),
@@ -149,7 +152,7 @@ class KubeAPI:
             await asyncio.sleep(wait)
 
     async def create(self, resource: str, body: Obj) -> Obj:
-        return await self.request("create", resource, body)
+        return await self.request("create", resource, body=body)
 
     async def get(self, resource: str, name: str) -> Obj:
         return await self.request("read", resource, name)
@@ -175,7 +178,7 @@ class KubeAPI:
         HTTP status or, as the API server does, as an ERROR event with code 410)."""
         self.calls[("watch", resource)] = self.calls.get(("watch", resource), 0) + 1
         resp = await self._method("list", resource)(
-            self.namespace, label_selector=selector, watch=True,
+            namespace=self.namespace, label_selector=selector, watch=True,
             resource_version=resource_version, allow_watch_bookmarks=True,
             timeout_seconds=timeout, _preload_content=False,
             # The server ends the watch after `timeout`; a dead connection is noticed

@@ -147,6 +147,7 @@ def postgres_settings(size: SizeClass) -> list[tuple[str, str]]:
 ENTRYPOINT = r"""set -eu
 umask 077
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  mkdir -p "$PGDATA"
   rm -rf "$PGDATA/.init"
   if [ -n "${PGWAKE_TEMPLATE:-}" ] && [ -s "$PGWAKE_TEMPLATE/PG_VERSION" ]; then
     cp -Rp "$PGWAKE_TEMPLATE" "$PGDATA/.init"

@@ -116,16 +116,30 @@ class KubernetesProvisioner:
                     # A stopping or crashed pod of this compute: never two on one volume.
                     await self._delete_pod(compute_id, wait=True)
                     pod = None
+                uid = pod["metadata"]["uid"] if pod is not None else None
                 if pod is None:
                     manifest = objects.pod_manifest(
                         compute_id, tier, self._size_class(compute_id), self.settings.compute
                     )
                     try:
-                        await self._api().create("pods", manifest)
+                        uid = (await self._api().create("pods", manifest))["metadata"]["uid"]
                     except Conflict:
                         pass  # created by an earlier attempt whose answer was lost
-                # Created, gone again (deleted under us), crashed or ready: all are events.
-                await pods.wait_for(lambda: self._start_settled(name), deadline)
+                # Seen, then ready, crashed or deleted under us: all are watch events.
+                seen = False
+
+                def settled() -> bool:
+                    nonlocal seen
+                    current = pods.get(name)
+                    if current is None:
+                        return seen
+                    if uid is not None and current["metadata"].get("uid") != uid:
+                        return False  # the cache has not caught up with our create yet
+                    seen = True
+                    return objects.is_ready(current) or objects.is_finished(current) or (
+                        objects.is_terminating(current))
+
+                await pods.wait_for(settled, deadline)
                 pod = pods.get(name)
                 if pod is not None and objects.is_ready(pod):
                     return self._address(pod)
@@ -136,13 +150,6 @@ class KubernetesProvisioner:
             reason = str(exc)
         await self._delete_pod(compute_id, wait=False)
         raise ProvisionerError(f"compute {compute_id} did not start: {reason}")
-
-    def _start_settled(self, name: str) -> bool:
-        assert self.pods is not None
-        pod = self.pods.get(name)
-        return pod is None or objects.is_ready(pod) or objects.is_finished(pod) or (
-            objects.is_terminating(pod)
-        )
 
     def _address(self, pod: dict[str, object]) -> ComputeAddress:
         ip = objects.pod_ip(pod)
