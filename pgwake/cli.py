@@ -383,12 +383,30 @@ def control_command(
     pg_bin: Annotated[Path | None, typer.Option(envvar="PGWAKE_PG_BIN", help="PostgreSQL bin directory")] = None,
     port_range: Annotated[str, typer.Option(envvar="PGWAKE_PORT_RANGE", help="TCP ports for computes, LOW-HIGH")] = "54400-55399",
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+    control_db: Annotated[str | None, typer.Option(envvar="PGWAKE_CONTROL_DB", help="Control DB URL (default: an embedded PostgreSQL in the data dir)")] = None,
+    provisioner: Annotated[str, typer.Option(envvar="PGWAKE_PROVISIONER", help="Where computes run: local | kubernetes")] = "local",
+    namespace: Annotated[str | None, typer.Option(envvar="PGWAKE_NAMESPACE", help="Kubernetes namespace of the computes")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(envvar="PGWAKE_KUBECONFIG", help="kubeconfig file (default: in-cluster service account)")] = None,
+    in_cluster: Annotated[bool, typer.Option("--in-cluster", envvar="PGWAKE_IN_CLUSTER", help="Use the pod's service account (the default without --kubeconfig)")] = False,
+    compute_image: Annotated[str, typer.Option(envvar="PGWAKE_COMPUTE_IMAGE", help="Compute image (Kubernetes)")] = "ghcr.io/pgwake/compute:18",
+    admin_cidr: Annotated[list[str] | None, typer.Option(envvar="PGWAKE_ADMIN_CIDR", help="Where the control plane connects from; only there may the compute admin log in (repeatable)")] = None,
+    client_cidr: Annotated[list[str] | None, typer.Option(envvar="PGWAKE_CLIENT_CIDR", help="Where proxies connect from (repeatable)")] = None,
+    storage_class: Annotated[str | None, typer.Option(envvar="PGWAKE_STORAGE_CLASS", help="StorageClass of durable computes' PVCs")] = None,
+    volume_size: Annotated[str, typer.Option(envvar="PGWAKE_VOLUME_SIZE", help="PVC size of durable computes")] = "10Gi",
 ) -> None:
-    """Run only the control plane (control API, control DB, local computes), no proxy."""
-    from pgwake.split import ControlRunSettings, run_control
+    """Run only the control plane (control API, control DB, computes), no proxy."""
+    from pgwake.split import ControlRunSettings, kubernetes_settings, run_control
     from wakeup.urls import PublicAddress
 
     _setup_logging(log_level)
+    try:
+        kube = kubernetes_settings(
+            provisioner, namespace=namespace, kubeconfig=kubeconfig, in_cluster=in_cluster,
+            image=compute_image, admin_cidrs=admin_cidr, client_cidrs=client_cidr,
+            storage_class=storage_class, volume_size=volume_size,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     settings = ControlRunSettings(
         data_dir=data_dir or datadir.default_data_dir(),
         api=_hostport(api, "--api"),
@@ -398,6 +416,8 @@ def control_command(
         pg_bin=pg_bin.resolve() if pg_bin else None,
         port_range=_port_range(port_range),
         redis_url=redis,
+        control_db_url=control_db,
+        kubernetes=kube,
     )
     _run(run_control(settings))
 

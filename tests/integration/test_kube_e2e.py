@@ -1,5 +1,5 @@
 """The user story over Kubernetes, with the API stand-in: create, suspend, wake, pool, TTL,
-410, a control plane restart that adopts its pods."""
+410, a pod killed under a session, a control plane restart that adopts its pods."""
 
 from __future__ import annotations
 
@@ -178,6 +178,23 @@ async def test_watch_broken_with_410_recovers(kube_up: Up, standin: KubeStandin)
     await pods.wait_for(lambda: pods.relists > relists, 60)
     # The cache is whole again: a wake sees its pod become ready through the new watch.
     assert await psql(ep.url, "select 'back'") == "back"
+
+
+async def test_pod_killed_under_a_session(kube_up: Up, standin: KubeStandin) -> None:
+    assert kube_up.client is not None
+    ep = await kube_up.client.create_endpoint()
+    await psql(ep.url, "create table t as select 7 as v")
+    compute_id = await compute_of(kube_up, ep.id)
+    conn = await asyncpg_connect(kube_up, ep)
+    try:
+        assert await conn.fetchval("select v from t") == 7
+        await standin.kill_pod(NAMESPACE, k8s_objects.pod_name(compute_id))
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await conn.fetchval("select v from t")
+    finally:
+        conn.terminate()
+    # The next connect wakes it again: the failed pod is replaced on the same claim.
+    assert await psql(ep.url_no_sni, "select v from t") == "7"
 
 
 async def test_control_plane_restart_adopts_pods_and_cleans_orphans(

@@ -27,7 +27,6 @@ from wakeup.provisioners.pgbin import PgBinaries, RunAs
 from wakeup.provisioners.process import (
     PostgresProcess,
     ServerOptions,
-    read_postmaster_pid,
     wait_pid_exit,
 )
 
@@ -71,17 +70,20 @@ class Container(PostgresProcess):
         proc = self._proc
         if proc is None:
             return
-        postmaster = read_postmaster_pid(self.options.pgdata)
+        # Without a PID namespace that ends with the container, order matters: the
+        # postmaster dies first, so the entrypoint shell (its parent) reaps it. An
+        # unreaped postmaster would still own postmaster.pid as far as the next
+        # pod's postgres on this volume can tell.
         members = _group_members(proc.pid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await wait_pid_exit(proc, 10.0)
-        if postmaster is not None:
-            await wait_pid_exit(postmaster.pid, 10.0)
-        # Every backend too: one still attached to the shared memory would make the
-        # next postmaster on this volume refuse to start.
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         for pid in members:
             await wait_pid_exit(pid, 10.0)
+        if not await wait_pid_exit(proc, 10.0):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await wait_pid_exit(proc, 10.0)
         await self._finish_relay()
 
     @property
