@@ -13,6 +13,8 @@ CONNECT_SCENARIOS: dict[str, tuple[str, list[str]]] = {
     "suspended": ("loadtests.wake", ["--only", "suspended"]),
     "herd": ("loadtests.wake", ["--only", "herd"]),
     "pool": ("loadtests.create", []),
+    # Pool hit and suspended wake through the Kubernetes API stand-in, next to local.
+    "kube-standin": ("loadtests.kube", []),
 }
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),

@@ -75,6 +75,18 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+# The Kubernetes provisioner's options, shared by `up` and `control`.
+ProvisionerOpt = Annotated[str, typer.Option(envvar="PGWAKE_PROVISIONER", help="Where computes run: local | kubernetes")]
+NamespaceOpt = Annotated[str | None, typer.Option(envvar="PGWAKE_NAMESPACE", help="Kubernetes namespace of the computes")]
+KubeconfigOpt = Annotated[Path | None, typer.Option(envvar="PGWAKE_KUBECONFIG", help="kubeconfig file (default: in-cluster service account)")]
+InClusterOpt = Annotated[bool, typer.Option("--in-cluster", envvar="PGWAKE_IN_CLUSTER", help="Use the pod's service account (the default without --kubeconfig)")]
+ComputeImageOpt = Annotated[str, typer.Option(envvar="PGWAKE_COMPUTE_IMAGE", help="Compute image (Kubernetes)")]
+AdminCidrOpt = Annotated[list[str] | None, typer.Option(envvar="PGWAKE_ADMIN_CIDR", help="Where the control plane connects from; only there may the compute admin log in (repeatable)")]
+ClientCidrOpt = Annotated[list[str] | None, typer.Option(envvar="PGWAKE_CLIENT_CIDR", help="Where proxies connect from (repeatable)")]
+StorageClassOpt = Annotated[str | None, typer.Option(envvar="PGWAKE_STORAGE_CLASS", help="StorageClass of durable computes' PVCs")]
+VolumeSizeOpt = Annotated[str, typer.Option(envvar="PGWAKE_VOLUME_SIZE", help="PVC size of durable computes")]
+
+
 @app.command()
 def up(
     data_dir: DataDir = None,
@@ -94,14 +106,32 @@ def up(
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
     log_format: Annotated[str, typer.Option(envvar="PGWAKE_LOG_FORMAT", help="Connection log lines: text | json")] = "text",
     port_range: Annotated[str, typer.Option(envvar="PGWAKE_PORT_RANGE", help="TCP ports for computes, LOW-HIGH")] = "54400-55399",
+    provisioner: ProvisionerOpt = "local",
+    namespace: NamespaceOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    in_cluster: InClusterOpt = False,
+    compute_image: ComputeImageOpt = "ghcr.io/pgwake/compute:18",
+    admin_cidr: AdminCidrOpt = None,
+    client_cidr: ClientCidrOpt = None,
+    storage_class: StorageClassOpt = None,
+    volume_size: VolumeSizeOpt = "10Gi",
 ) -> None:
-    """Run the control plane, the proxy and local computes in one process."""
+    """Run the control plane, the proxy and computes (local processes or pods) in one process."""
+    from pgwake.split import kubernetes_settings
     from pgwake.up import Up, UpSettings, run_forever
 
     if pg_bin is not None:
         pg_bin = pg_bin.resolve()
 
     _setup_logging(log_level)
+    try:
+        kube = kubernetes_settings(
+            provisioner, namespace=namespace, kubeconfig=kubeconfig, in_cluster=in_cluster,
+            image=compute_image, admin_cidrs=admin_cidr, client_cidrs=client_cidr,
+            storage_class=storage_class, volume_size=volume_size,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     settings = UpSettings(
         data_dir=data_dir or datadir.default_data_dir(),
         listen=_hostport(listen, "--listen"),
@@ -119,6 +149,7 @@ def up(
         pool_max_age=pool_max_age,
         ephemeral_ttl=ephemeral_ttl,
         port_range=_port_range(port_range),
+        kubernetes=kube,
     )
     _run(run_forever(Up(settings)))
 
@@ -422,12 +453,30 @@ def control_command(
     pg_bin: Annotated[Path | None, typer.Option(envvar="PGWAKE_PG_BIN", help="PostgreSQL bin directory")] = None,
     port_range: Annotated[str, typer.Option(envvar="PGWAKE_PORT_RANGE", help="TCP ports for computes, LOW-HIGH")] = "54400-55399",
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
+    control_db: Annotated[str | None, typer.Option(envvar="PGWAKE_CONTROL_DB", help="Control DB URL (default: an embedded PostgreSQL in the data dir)")] = None,
+    provisioner: ProvisionerOpt = "local",
+    namespace: NamespaceOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    in_cluster: InClusterOpt = False,
+    compute_image: ComputeImageOpt = "ghcr.io/pgwake/compute:18",
+    admin_cidr: AdminCidrOpt = None,
+    client_cidr: ClientCidrOpt = None,
+    storage_class: StorageClassOpt = None,
+    volume_size: VolumeSizeOpt = "10Gi",
 ) -> None:
-    """Run only the control plane (control API, control DB, local computes), no proxy."""
-    from pgwake.split import ControlRunSettings, run_control
+    """Run only the control plane (control API, control DB, computes), no proxy."""
+    from pgwake.split import ControlRunSettings, kubernetes_settings, run_control
     from wakeup.urls import PublicAddress
 
     _setup_logging(log_level)
+    try:
+        kube = kubernetes_settings(
+            provisioner, namespace=namespace, kubeconfig=kubeconfig, in_cluster=in_cluster,
+            image=compute_image, admin_cidrs=admin_cidr, client_cidrs=client_cidr,
+            storage_class=storage_class, volume_size=volume_size,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     settings = ControlRunSettings(
         data_dir=data_dir or datadir.default_data_dir(),
         api=_hostport(api, "--api"),
@@ -437,6 +486,8 @@ def control_command(
         pg_bin=pg_bin.resolve() if pg_bin else None,
         port_range=_port_range(port_range),
         redis_url=redis,
+        control_db_url=control_db,
+        kubernetes=kube,
     )
     _run(run_control(settings))
 

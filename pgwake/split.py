@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import resource
@@ -22,6 +23,9 @@ from tls.certs import CertPair
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
 from wakeup.control import ControlSettings
+from wakeup.provisioners.k8s_api import KubeSettings
+from wakeup.provisioners.k8s_objects import ComputeSpec
+from wakeup.provisioners.kubernetes import KubernetesSettings
 from wakeup.service import ControlService, ControlServiceSettings
 from wakeup.urls import PublicAddress
 
@@ -127,6 +131,44 @@ class ControlRunSettings:
     redis_url: str | None = None
     control_db_url: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    kubernetes: KubernetesSettings | None = None  # None: local computes
+
+
+def kubernetes_settings(
+    provisioner: str,
+    *,
+    namespace: str | None,
+    kubeconfig: Path | None,
+    in_cluster: bool,
+    image: str,
+    admin_cidrs: list[str] | None,
+    client_cidrs: list[str] | None,
+    storage_class: str | None = None,
+    volume_size: str = "10Gi",
+) -> KubernetesSettings | None:
+    """`--provisioner kubernetes` and its flags, checked; None for `local`."""
+    if provisioner == "local":
+        if namespace or kubeconfig or in_cluster:
+            raise ValueError("--namespace/--kubeconfig/--in-cluster need --provisioner kubernetes")
+        return None
+    if provisioner != "kubernetes":
+        raise ValueError(f"--provisioner must be local or kubernetes, not {provisioner!r}")
+    if not namespace:
+        raise ValueError("--provisioner kubernetes needs --namespace")
+    if kubeconfig is not None and in_cluster:
+        raise ValueError("give --kubeconfig or --in-cluster, not both")
+    for cidr in (*(admin_cidrs or ()), *(client_cidrs or ())):
+        ipaddress.ip_network(cidr)  # ValueError names the bad one
+    return KubernetesSettings(
+        api=KubeSettings(namespace=namespace, kubeconfig=kubeconfig),
+        compute=ComputeSpec(
+            image=image,
+            admin_cidrs=tuple(admin_cidrs or ComputeSpec.admin_cidrs),
+            client_cidrs=tuple(client_cidrs or ComputeSpec.client_cidrs),
+            storage_class=storage_class,
+            volume_size=volume_size,
+        ),
+    )
 
 
 async def run_control(s: ControlRunSettings) -> None:
@@ -157,6 +199,7 @@ async def _serve_control(s: ControlRunSettings, stop: asyncio.Event) -> None:
             control=ControlSettings(idle_timeout=s.idle_timeout),
             control_db_url=s.control_db_url,
             redis_url=s.redis_url,
+            kubernetes=s.kubernetes,
         ),
         api_socket=api_socket,
     )

@@ -25,6 +25,7 @@ from wakeup.api import ControlClient
 from wakeup.control import ControlSettings, EndpointReady
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
+from wakeup.provisioners.kubernetes import KubernetesSettings
 from wakeup.service import ControlService, ControlServiceSettings
 from wakeup.urls import PublicAddress
 
@@ -56,6 +57,7 @@ class UpSettings:
     # PostgreSQL settings every compute starts with, over pgwake's own (tests: a small
     # max_connections).
     compute_settings: tuple[tuple[str, str], ...] = ()
+    kubernetes: KubernetesSettings | None = None  # computes as pods instead of processes
 
 
 def _public_host(host: str) -> str:
@@ -116,6 +118,7 @@ class Up:
                 ),
                 control_db_url=s.control_db_url,
                 redis_url=s.redis_url,
+                kubernetes=s.kubernetes,
                 pool=PoolSettings(
                     sizes={PoolKey(Tier.DURABLE): s.pool_size},
                     max_age=s.pool_max_age,

@@ -27,6 +27,7 @@ async def admin_connect(target: AdminTarget, timeout: float = 10.0) -> asyncpg.C
         host=target.host,
         port=target.port,
         user=target.user,
+        password=target.password,
         database=target.database,
         timeout=timeout,
         server_settings={"application_name": "pgwake-control"},

@@ -18,8 +18,7 @@ from wakeup.computeconfig import apply_config, count_client_connections
 from wakeup.handoff import GenerationHandoff, HandoffResult
 from wakeup.metrics import ControlMetrics
 from wakeup.pool import DEFAULT_SIZE_CLASS, PoolKey, PoolManager
-from wakeup.provisioners.base import ComputeAddress, ProvisionerError, Tier
-from wakeup.provisioners.local import LocalProvisioner
+from wakeup.provisioners.base import ComputeAddress, Provisioner, ProvisionerError, Tier
 from wakeup.secrets import generate_id, generate_password, scram_verifier
 from wakeup.sizes import SizeClass, size_class_of
 from wakeup.state import ColdStart, State
@@ -86,7 +85,7 @@ class ControlPlane:
     def __init__(
         self,
         store: Store,
-        provisioner: LocalProvisioner,
+        provisioner: Provisioner,
         settings: ControlSettings,
         clock: Callable[[], float] = time.monotonic,
         metrics: ControlMetrics | None = None,
@@ -593,6 +592,10 @@ class ControlPlane:
             return None
 
     async def close(self) -> None:
+        if self.provisioner.outlives_control_plane:
+            # Pods keep serving their sessions; the next control plane adopts them.
+            await self.provisioner.close()
+            return
         for endpoint in await self.store.list_endpoints():
             if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
                 await self.suspend(endpoint.id, grace=0.0)  # shutting down: fast

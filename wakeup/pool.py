@@ -21,8 +21,7 @@ import asyncpg
 
 from wakeup.computeconfig import PLACEHOLDER, admin_connect, claim_sql, prepare_placeholders
 from wakeup.metrics import ControlMetrics
-from wakeup.provisioners.base import AdminTarget, ProvisionerError, Tier
-from wakeup.provisioners.local import LocalProvisioner
+from wakeup.provisioners.base import AdminTarget, Provisioner, ProvisionerError, Tier
 from wakeup.secrets import generate_id, generate_password, scram_verifier
 from wakeup.sizes import DEFAULT_SIZE, size_class_of
 from wakeup.store import PoolItem, Store
@@ -68,7 +67,7 @@ class PoolManager:
     def __init__(
         self,
         store: Store,
-        provisioner: LocalProvisioner,
+        provisioner: Provisioner,
         settings: PoolSettings,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         metrics: ControlMetrics | None = None,
@@ -324,7 +323,8 @@ async def _warm_database(target: AdminTarget) -> None:
     """Connect once to the placeholder database: its relation cache file is built now,
     not on the first client's connection (a rename keeps the file, it is per OID)."""
     conn = await asyncpg.connect(
-        host=target.host, port=target.port, user=target.user, database=PLACEHOLDER,
+        host=target.host, port=target.port, user=target.user, password=target.password,
+        database=PLACEHOLDER,
         timeout=10.0,
     )
     try:

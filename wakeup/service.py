@@ -21,7 +21,10 @@ from wakeup.controldb import EmbeddedControlDB
 from wakeup.invalidations import RedisInvalidations
 from wakeup.metrics import ControlMetrics
 from wakeup.pool import PoolManager, PoolSettings
+from wakeup.provisioners.base import Provisioner
+from wakeup.provisioners.kubernetes import KubernetesProvisioner, KubernetesSettings
 from wakeup.provisioners.local import LocalProvisioner, LocalSettings
+from wakeup.provisioners.pgbin import find_binaries, resolve_run_as
 from wakeup.server import create_app
 from wakeup.store import Store
 from wakeup.suspender import Janitor
@@ -42,6 +45,9 @@ class ControlServiceSettings:
     control_db_url: str | None = None  # None: run the embedded control DB
     pool: PoolSettings = field(default_factory=PoolSettings)
     redis_url: str | None = None  # publish address invalidations to proxies here
+    # Set: computes are pods in this namespace (`local` then only places the
+    # embedded control DB's binaries).
+    kubernetes: KubernetesSettings | None = None
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -68,7 +74,10 @@ class ControlService:
         # control API's /metrics shows both halves.
         self.registry = registry or CollectorRegistry()
         self.metrics = ControlMetrics(self.registry)
-        self.provisioner = LocalProvisioner(settings.local)
+        self.provisioner: Provisioner = (
+            KubernetesProvisioner(settings.kubernetes) if settings.kubernetes is not None
+            else LocalProvisioner(settings.local)
+        )
         self.store: Store | None = None
         self.control: ControlPlane | None = None
         self.pool: PoolManager | None = None
@@ -99,10 +108,13 @@ class ControlService:
         s = self.settings
         await self.provisioner.prepare()
         if s.control_db_url is None:
-            assert self.provisioner.binaries is not None
-            self.controldb = EmbeddedControlDB(
-                self.provisioner.binaries, self.provisioner.run_as, s.data_dir / "control"
-            )
+            if isinstance(self.provisioner, LocalProvisioner):
+                binaries, run_as = self.provisioner.binaries, self.provisioner.run_as
+                assert binaries is not None
+            else:
+                binaries = await asyncio.to_thread(find_binaries, s.local.pg_bin)
+                run_as = await asyncio.to_thread(resolve_run_as, s.local.run_as)
+            self.controldb = EmbeddedControlDB(binaries, run_as, s.data_dir / "control")
             await self.controldb.start()
             self.store = Store(**self.controldb.connect_kwargs())
         else:

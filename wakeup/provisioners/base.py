@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from wakeup.api import ComputeAddress
@@ -51,6 +51,9 @@ class AdminTarget:
     port: int
     user: str
     database: str = "postgres"
+    # None over a private Unix socket (local); a generated per-compute password over
+    # the network (Kubernetes).
+    password: str | None = field(default=None, repr=False)
 
 
 class RunningServer(Protocol):
@@ -64,6 +67,10 @@ class RunningServer(Protocol):
 
 
 class Provisioner(Protocol):
+    # True when computes keep running while the control plane restarts (pods): a
+    # clean shutdown of the control plane then leaves them up for the next one.
+    outlives_control_plane: bool
+
     async def prepare(self) -> None:
         """Find binaries, build templates; called once before anything else."""
 
@@ -104,5 +111,14 @@ class Provisioner(Protocol):
         """Client sessions a compute of this size admits (`connection_budget` of its
         settings)."""
 
+    def is_running(self, compute_id: str) -> bool:
+        """Whether the compute runs now (from memory or a cache: no I/O)."""
+
+    def known_computes(self, tier: Tier) -> list[str]:
+        """Computes that have storage or a process/pod, known to the control DB or not."""
+
+    async def stop_orphan(self, compute_id: str, tier: Tier) -> None:
+        """Stop a compute the control DB does not know; its storage stays."""
+
     async def close(self) -> None:
-        """Stop every compute this provisioner runs."""
+        """Release the provisioner; stop the computes unless they outlive the control plane."""

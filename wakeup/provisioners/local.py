@@ -77,6 +77,8 @@ class LocalSettings:
 
 
 class LocalProvisioner:
+    outlives_control_plane = False
+
     def __init__(self, settings: LocalSettings):
         self.settings = settings
         self.binaries: PgBinaries | None = None

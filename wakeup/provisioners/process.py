@@ -53,7 +53,11 @@ class PostgresProcess:
     Exit is watched through a pidfd.
     """
 
-    def __init__(self, binaries: PgBinaries, options: ServerOptions, run_as: RunAs | None):
+    def __init__(
+        self, binaries: PgBinaries, options: ServerOptions, run_as: RunAs | None,
+        env: dict[str, str] | None = None,
+    ):
+        self.env = env  # None: a minimal environment (PATH, LC_ALL, TZ)
         self.binaries = binaries
         self.options = options
         self.run_as = run_as
@@ -88,7 +92,7 @@ class PostgresProcess:
 
     async def start(self, timeout: float) -> None:
         o = self.options
-        self._proc = spawn(self._argv(), self.run_as, stderr=subprocess.PIPE)
+        self._proc = spawn(self._argv(), self.run_as, stderr=subprocess.PIPE, env=self.env)
         assert self._proc.stderr is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
@@ -191,7 +195,8 @@ def spawn(argv: list[str], run_as: RunAs | None, **kwargs: Any) -> subprocess.Po
         user=run_as.uid if run_as else None,
         group=run_as.gid if run_as else None,
         extra_groups=[] if run_as else None,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
+        env=kwargs.pop("env", None)
+        or {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
         **kwargs,
     )
 
