@@ -242,8 +242,8 @@ _BINARY_SOURCES = {
 def print_banner(up: Up) -> None:
     s = up.settings
     assert up.control is not None and up.certs is not None
-    binaries = up.control.provisioner.binaries
-    assert binaries is not None  # found when the provisioner started
+    # Local computes: which PostgreSQL binaries were found (Kubernetes: the image's).
+    binaries = getattr(up.control.provisioner, "binaries", None)
     data_dir_flag = (
         "" if s.data_dir == datadir.default_data_dir()
         else f" --data-dir {shlex.quote(str(s.data_dir))}"
@@ -256,8 +256,11 @@ def print_banner(up: Up) -> None:
         f"  API key      {up.api_key_file or 'given by --api-key / PGWAKE_API_KEY'}",
         f"  dev CA       {up.certs.ca.cert}",
         f"  certificate  {up.certs.server.cert}",
-        f"  PostgreSQL   {binaries.version} in {binaries.bindir} "
-        f"({_BINARY_SOURCES.get(binaries.source, binaries.source)})",
+        (
+            f"  PostgreSQL   {binaries.version} in {binaries.bindir} "
+            f"({_BINARY_SOURCES.get(binaries.source, binaries.source)})"
+            if binaries is not None else "  PostgreSQL   the compute image's (Kubernetes)"
+        ),
         "",
         f"Create a database:  {cli_command()} endpoint create{data_dir_flag}",
         "Then connect with the url it prints, e.g. psql \"<url>\". Ctrl-C stops.",

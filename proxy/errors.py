@@ -40,16 +40,6 @@ DEFAULT_SQLSTATE: dict[Kind, str] = {
 }
 
 
-def control_plane_unavailable(endpoint_id: str) -> ClientError:
-    """The one wording for "the control plane did not answer", whatever was being looked up
-    (an address, a verifier): said only when that is the reason."""
-    return ClientError(
-        Kind.CONTROL_PLANE,
-        f'cannot reach endpoint "{endpoint_id}" now: the control plane is unavailable',
-        hint="This is temporary; retry the connection.",
-    )
-
-
 class ClientError(Exception):
     """Ends the handshake with an ErrorResponse the client can act on."""
 
