@@ -9,7 +9,7 @@ series completes the login with a made-up proof and times the 28P01, within
 the per-role failure budget. Samples
 alternate between the endpoint's real role and an unknown name, against an
 awake endpoint (its compute running, as when an attacker probes a live
-database). Run it with `python -m loadtests.authtiming [--samples 250]`.
+database). Run it with `python -m loadtests authtiming [--samples 250] [--quick]`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-samples", type=int, default=25,
                         help="completed wrong logins per role (at most the per-role burst)")
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    parser.add_argument("--quick", action="store_true", help="a short run (50 and 10 samples)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.final_samples = 50, 10
     result = asyncio.run(run(args.samples, args.final_samples))
     print_table(
         "SCRAM reply timing, real role vs unknown role (ms)",

@@ -64,3 +64,12 @@ async def test_connect_scenarios_quick(tmp_path: Path, scenario: str, result_fil
     if scenario == "pool":
         assert result["cold_start"]["warm_pool"] == {"pool_hit": 10}
     assert (tmp_path / f"{result_file}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(600)
+async def test_authtiming_quick(tmp_path: Path) -> None:
+    out = await harness(tmp_path, "authtiming")
+    stats = json.loads((tmp_path / "auth-timing.json").read_text())["stats_ms"]
+    assert stats["real:server_first"]["n"] == stats["unknown:server_first"]["n"] == 50
+    assert stats["real:auth_failed"]["n"] == stats["unknown:auth_failed"]["n"] == 10
+    assert "real role vs unknown role" in out
