@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),
     "frontdoor": ("loadtests.frontdoor", []),
     "resize": ("loadtests.resize", []),
+    "authtiming": ("loadtests.authtiming", []),
 }
 
 

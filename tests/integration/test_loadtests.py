@@ -106,3 +106,12 @@ async def test_runs_without_matplotlib_and_with_pgwake_settings_in_the_environme
     assert "matplotlib is not installed" in stderr and ".[loadtests]" in stderr
     assert json.loads((tmp_path / "connect-warm.json").read_text())["stats"]
     assert not (tmp_path / "connect-warm.png").exists()
+
+
+@pytest.mark.timeout(600)
+async def test_authtiming_quick(tmp_path: Path) -> None:
+    out = await harness(tmp_path, "authtiming")
+    stats = json.loads((tmp_path / "auth-timing.json").read_text())["stats_ms"]
+    assert stats["real:server_first"]["n"] == stats["unknown:server_first"]["n"] == 50
+    assert stats["real:auth_failed"]["n"] == stats["unknown:auth_failed"]["n"] == 10
+    assert "real role vs unknown role" in out
