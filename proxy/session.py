@@ -492,8 +492,10 @@ class Session:
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
         self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)
-        if result.closed_by == "client" and not result.client_terminated:
-            # The client vanished, perhaps mid-query: don't let the query run on.
+        if result.query_running and result.closed_by != "compute":
+            # The client vanished (or the proxy ended the session) mid-query: a backend
+            # learns of a closed socket only when it next writes, so the query would
+            # run on. Cancel it (DESIGN step 9).
             await send_cancel(target)
 
 

@@ -1,19 +1,28 @@
 """Step 8, splice: move bytes both ways between two transports, with flow control.
 
-No per-message parsing here: each side's data_received writes straight into
-the other transport. When a transport's write buffer fills, it pauses the
-*other* transport's reading (and resumes it when drained), so a slow reader
-never makes the proxy buffer without bound.
+Each side's data_received writes straight into the other transport; the
+chunk is also shown to a sans-IO tracker that reads only message headers
+(proxy.pgwire.tracker), so the splice knows where message boundaries are,
+the last ReadyForQuery status and whether a request is outstanding. That is
+what lets the proxy end a session with an ErrorResponse of its own without
+ever cutting a message in two. When a transport's write buffer fills, it
+pauses the *other* transport's reading (and resumes it when drained), so a
+slow reader never makes the proxy buffer without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-TERMINATE = b"X\x00\x00\x00\x04"
-READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"  # + one status byte
+from proxy.pgwire.errors import ProtocolViolation
+from proxy.pgwire.tracker import BackendTracker, FrontendTracker
+
+log = logging.getLogger(__name__)
+
 # Transport write-buffer limits: enough to keep a TLS record pipeline busy,
 # small enough that 10 000 idle sessions cost little.
 HIGH_WATER = 256 * 1024
@@ -26,12 +35,15 @@ class SpliceResult:
     bytes_from_compute: int
     client_terminated: bool  # the client said Terminate (a clean goodbye)
     closed_by: str  # "client" | "compute" | "proxy"
+    # A request was outstanding on the compute when the splice ended (a query may
+    # still be running there: the caller cancels it).
+    query_running: bool = False
 
 
 class _Side(asyncio.Protocol):
     """Receives from its own transport and writes to the peer's."""
 
-    __slots__ = ("bytes", "eof", "last", "name", "other", "peer", "splice", "tls", "write")
+    __slots__ = ("bytes", "eof", "name", "other", "peer", "splice", "tls", "write")
 
     def __init__(self, splice: Splice, name: str, tls: bool):
         self.splice = splice
@@ -41,15 +53,7 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.bytes = 0
         self.eof = False
-        self.last = b""  # the latest chunk, by reference: its tail is read once, at the end
         self.write: Callable[[bytes], object] = _not_started
-
-    # The hot path: one call per chunk each way. Keep it to a counter, a
-    # reference and the peer's bound write method (no slicing, no lookups).
-    def data_received(self, data: bytes) -> None:
-        self.bytes += len(data)
-        self.last = data
-        self.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -85,6 +89,45 @@ class _Side(asyncio.Protocol):
             self.peer.resume_reading()
 
 
+class _ClientSide(_Side):
+    __slots__ = ("tracker",)
+
+    def __init__(self, splice: Splice, tls: bool):
+        super().__init__(splice, "client", tls)
+        self.tracker = FrontendTracker()
+
+    # The hot path: one call per chunk each way. A counter, the header walk
+    # (bodies skipped by length) and the peer's bound write method.
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        try:
+            self.tracker.feed_at(data, time.monotonic())
+        except ProtocolViolation as exc:
+            # The compute will refuse the same bytes with its own error; the splice
+            # just stops knowing where the boundaries are.
+            log.info("client stream untracked: %s", exc.message)
+        self.write(data)
+
+
+class _ComputeSide(_Side):
+    __slots__ = ("tracker", "watch")
+
+    def __init__(self, splice: Splice, tls: bool):
+        super().__init__(splice, "compute", tls)
+        self.tracker = BackendTracker()
+        self.watch = False  # the splice wants to hear of every step (ending at a boundary)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        try:
+            self.tracker.feed(data)
+        except ProtocolViolation as exc:
+            log.warning("compute stream untracked: %s", exc.message)
+        self.write(data)
+        if self.watch:
+            self.splice.compute_progressed()
+
+
 class Splice:
     def __init__(
         self,
@@ -97,9 +140,31 @@ class Splice:
         # Sent to the client when the compute vanishes between messages (a crash,
         # a kill): a clean SQLSTATE instead of a bare "connection closed".
         self.compute_lost_error = compute_lost_error
-        self._client_side = _Side(self, "client", _is_tls(client))
-        self._compute_side = _Side(self, "compute", _is_tls(compute))
+        self._client_side = _ClientSide(self, _is_tls(client))
+        self._compute_side = _ComputeSide(self, _is_tls(compute))
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._end_error = b""  # the proxy ends the session with this ErrorResponse…
+        self._end_when_idle = True  # …once idle, or else at the next boundary
+        self.query_running_at_end = False
+
+    @property
+    def frontend(self) -> FrontendTracker:
+        return self._client_side.tracker
+
+    @property
+    def backend(self) -> BackendTracker:
+        return self._compute_side.tracker
+
+    @property
+    def outstanding(self) -> bool:
+        """A request the compute has not finished answering (a query may be running)."""
+        front = self._client_side.tracker
+        return front.requests > self._compute_side.tracker.ready_count or front.unsynced
+
+    @property
+    def idle(self) -> bool:
+        """Idle outside a transaction, with nothing asked and nothing half-sent."""
+        return self._compute_side.tracker.idle and not self.outstanding
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"") -> None:
         cs, ps = self._client_side, self._compute_side
@@ -120,17 +185,46 @@ class Splice:
             elif not transport.is_reading():
                 transport.resume_reading()
 
+    def end_when_idle(self, error: bytes) -> None:
+        """Send `error` and close at the session's next idle point (now, if idle)."""
+        self._end_error = error
+        self._compute_side.watch = True
+        self.compute_progressed()
+
+    def end_at_boundary(self, error: bytes) -> None:
+        """Send `error` and close at the compute stream's next message boundary
+        (now, if it is at one). The client's further requests are not read."""
+        self._end_error = error
+        self._end_when_idle = False
+        if not self.client.is_closing():
+            self.client.pause_reading()
+        self._compute_side.watch = True
+        self.compute_progressed()
+
+    def compute_progressed(self) -> None:
+        if not self._end_error or self._done.done():
+            return
+        ready = self.idle if self._end_when_idle else self.backend.at_boundary
+        if ready:
+            if not self.client.is_closing():
+                self.client.write(self._end_error)
+            self.finish("proxy")
+
     def finish(self, closed_by: str) -> None:
         if not self._done.done():
             self._done.set_result(closed_by)
-            # Only at a message boundary: the compute's last bytes were a whole
-            # ReadyForQuery, so an ErrorResponse cannot land inside another message.
-            # (A healthy compute that ends a session sends its own FATAL first.)
-            last = self._compute_side.last
+            self.query_running_at_end = self.outstanding
+            backend = self._compute_side.tracker
+            # Only at a message boundary, so that an ErrorResponse never lands inside
+            # another message; never after the compute's own FATAL, nor after the
+            # client's Terminate (it asked for the close: a PostgreSQL server says
+            # nothing more, and some drivers treat a late error as a crash).
             if (
                 closed_by == "compute"
                 and self.compute_lost_error
-                and last[-6:-1] == READY_FOR_QUERY_HEAD
+                and backend.at_boundary
+                and not backend.fatal
+                and not self._client_side.tracker.terminated
                 and not self.client.is_closing()
             ):
                 self.client.write(self.compute_lost_error)
@@ -140,6 +234,7 @@ class Splice:
     def abort(self) -> None:
         if not self._done.done():
             self._done.set_result("proxy")
+            self.query_running_at_end = self.outstanding
         self.client.abort()
         self.compute.abort()
 
@@ -148,8 +243,9 @@ class Splice:
         return SpliceResult(
             bytes_from_client=self._client_side.bytes,
             bytes_from_compute=self._compute_side.bytes,
-            client_terminated=self._client_side.last.endswith(TERMINATE),
+            client_terminated=self._client_side.tracker.terminated,
             closed_by=closed_by,
+            query_running=self.query_running_at_end,
         )
 
 

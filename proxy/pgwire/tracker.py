@@ -1,0 +1,189 @@
+"""Sans-IO message-boundary trackers for the spliced byte streams (both directions).
+
+The splice moves chunks without parsing them; these trackers are fed the same
+chunks and read only the 5-byte headers (plus ReadyForQuery's status byte and
+an ErrorResponse's first field), skipping every body by its length. No
+payload is copied: a header split across chunks keeps at most 4 bytes.
+
+From the compute's side they tell where message boundaries are (where the
+proxy may insert an ErrorResponse of its own), the last ReadyForQuery status
+and whether a COPY runs; from the client's side, how many requests expect a
+ReadyForQuery, whether an extended-protocol exchange lacks its Sync, and
+whether the client said Terminate.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.pgwire.errors import ProtocolViolation
+
+_HEADER = struct.Struct("!BI")
+_MAX_LENGTH = (1 << 31) - 1
+
+# Frontend message types (after the startup phase).
+_QUERY = ord("Q")
+_SYNC = ord("S")
+_FUNCTION_CALL = ord("F")
+_TERMINATE = ord("X")
+# Parse, Bind, Execute, Describe, Close, Flush: an exchange that only a Sync ends.
+_EXTENDED = frozenset(b"PBEDCH")
+
+# Backend message types.
+_READY = ord("Z")
+_ERROR = ord("E")
+_COPY_START = frozenset(b"GHW")  # CopyInResponse, CopyOutResponse, CopyBothResponse
+_FATAL_SEVERITIES = (b"SFATAL\x00", b"SPANIC\x00")
+
+
+class _Framer:
+    """Walks message headers; subclasses see each header once, in order."""
+
+    __slots__ = ("_head", "_skip", "_want", "broken", "direction")
+
+    def __init__(self, direction: str) -> None:
+        self.direction = direction
+        self._skip = 0  # body bytes of the current message still to come
+        self._head = b""  # a partial header (0..4 bytes) carried to the next chunk
+        self._want = 0  # a message type whose body starts at the next chunk's first byte
+        self.broken = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between two messages (nothing of a message is pending)."""
+        return not self._skip and not self._head and not self.broken
+
+    def feed(self, data: bytes) -> None:
+        """Account for one chunk. Raises ProtocolViolation on an invalid length;
+        after that the tracker is `broken` and ignores further input."""
+        n = len(data)
+        if self.broken or not n:
+            return
+        if self._want:
+            self._body_start(data)
+        pos = self._skip
+        if pos:
+            if pos >= n:
+                self._skip = pos - n
+                return
+            self._skip = 0
+        elif self._head:
+            carried = len(self._head)
+            head = self._head + data[: 5 - carried]
+            if len(head) < 5:
+                self._head = head
+                return
+            self._head = b""
+            type_, length = _HEADER.unpack(head)
+            pos = self._header(type_, length, data, 5 - carried)
+        unpack = _HEADER.unpack_from
+        while n - pos >= 5:
+            type_, length = unpack(data, pos)
+            pos = self._header(type_, length, data, pos + 5)
+        if pos > n:
+            self._skip = pos - n
+        elif pos < n:
+            self._head = data[pos:]
+
+    def _header(self, type_: int, length: int, data: bytes, body: int) -> int:
+        """One header; `body` is where its body starts in `data` (maybe at the end).
+        Returns where the next message starts."""
+        if length < 4:
+            self.broken = True
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {bytes([type_])!r} "
+                f"from the {self.direction}"
+            )
+        self._message(type_, data, body, length - 4)
+        return body + length - 4
+
+    def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
+        raise NotImplementedError
+
+    def _body_start(self, data: bytes) -> None:
+        """The body of the message named by `_want` starts at `data[0]`."""
+        self._want = 0
+
+
+class BackendTracker(_Framer):
+    """The compute → client direction."""
+
+    __slots__ = ("_probe", "copying", "fatal", "last_type", "ready_count", "status")
+
+    def __init__(self) -> None:
+        super().__init__("compute")
+        self.status = b"I"  # the last ReadyForQuery's transaction status
+        self.ready_count = 0  # ReadyForQuery messages seen
+        self.copying = False  # between a Copy*Response and the next ReadyForQuery
+        self.fatal = False  # the compute sent a FATAL/PANIC ErrorResponse
+        # A splice starts right after the login's ReadyForQuery.
+        self.last_type = _READY
+        self._probe = b""  # the first bytes of an ErrorResponse split across chunks (≤ 7)
+
+    def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
+        self.last_type = type_
+        if type_ == _READY:
+            # Counted once its status is known, so the two always agree.
+            if body < len(data) or not body_length:
+                self.status = data[body : body + 1] or self.status
+                self.ready_count += 1
+                self.copying = False
+            else:
+                self._want = _READY
+        elif type_ == _ERROR:
+            # The severity is the first field: "SFATAL\0" or "SPANIC\0", 7 bytes.
+            if body + 7 <= len(data):
+                self.fatal = self.fatal or data.startswith(_FATAL_SEVERITIES, body)
+            elif body_length >= 7:
+                self._probe = data[body:]
+                self._want = _ERROR
+        elif type_ in _COPY_START:
+            self.copying = True
+
+    def _body_start(self, data: bytes) -> None:
+        want, self._want = self._want, 0
+        if want == _READY:
+            self.status = data[:1]
+            self.ready_count += 1
+            self.copying = False
+        elif want == _ERROR:
+            probe = self._probe + data[: 7 - len(self._probe)]
+            if len(probe) < 7:
+                self._probe, self._want = probe, _ERROR
+            else:
+                self._probe = b""
+                self.fatal = self.fatal or probe.startswith(_FATAL_SEVERITIES)
+
+    @property
+    def idle(self) -> bool:
+        """At a boundary right after ReadyForQuery `I`: no transaction is open."""
+        return self.at_boundary and self.last_type == _READY and self.status == b"I"
+
+
+class FrontendTracker(_Framer):
+    """The client → compute direction."""
+
+    __slots__ = ("last_activity", "requests", "terminated", "unsynced")
+
+    def __init__(self) -> None:
+        super().__init__("client")
+        self.requests = 0  # messages that each earn one ReadyForQuery (Query, Sync, FunctionCall)
+        self.unsynced = False  # Parse/Bind/Execute/... sent since the last Sync
+        self.terminated = False  # the client sent Terminate
+        self.last_activity = 0.0
+
+    def feed_at(self, data: bytes, now: float) -> None:
+        """`feed`, recording `now` (the caller's clock) as the last client activity."""
+        self.last_activity = now
+        self.feed(data)
+
+    def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
+        if type_ == _QUERY or type_ == _FUNCTION_CALL:
+            self.requests += 1
+        elif type_ == _SYNC:
+            self.requests += 1
+            self.unsynced = False
+        elif type_ in _EXTENDED:
+            self.unsynced = True
+        elif type_ == _TERMINATE:
+            self.terminated = True
