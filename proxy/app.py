@@ -20,6 +20,7 @@ from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.settings import ProxySettings
 from proxy.shared import open_shared
+from proxy.splice import SHUTDOWN_ERROR, SessionEnding
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
@@ -164,7 +165,18 @@ class ProxyServer:
         sessions = set(self.state.sessions)
         if sessions:
             log.info("draining %d sessions (up to %.0f s)", len(sessions), timeout)
+            # Idle sessions end at once, busy ones at their next idle point; at the
+            # deadline the rest end at the next message boundary (their running
+            # query is cancelled on the compute). Each gets 57P01, never a bare EOF.
+            self.state.ending = ending = SessionEnding(SHUTDOWN_ERROR)
+            for splice in list(self.state.splices):
+                ending.apply(splice)
             _, pending = await asyncio.wait(sessions, timeout=timeout)
+            if pending:
+                ending.when_idle = False
+                for splice in list(self.state.splices):
+                    ending.apply(splice)
+                _, pending = await asyncio.wait(pending, timeout=self.settings.drain_grace)
             for splice in list(self.state.splices):
                 splice.abort()
             for task in pending:

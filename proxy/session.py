@@ -43,7 +43,7 @@ from proxy.routing import (
     resolve_with_password,
 )
 from proxy.settings import ProxySettings
-from proxy.splice import Splice
+from proxy.splice import SessionEnding, Splice
 from proxy.stream import PeerClosed, Stream
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
@@ -67,6 +67,7 @@ class ProxyState:
     connection_log: ConnectionLog
     sessions: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
+    ending: SessionEnding | None = None  # set while the proxy drains
     handshakes: int = 0
     guards: ConnectionGuards = field(default_factory=ConnectionGuards)
 
@@ -482,6 +483,8 @@ class Session:
                 compute_pending=compute.trailing,
             )
             self.state.metrics.connections_active.inc()
+            if self.state.ending is not None:
+                self.state.ending.apply(splice)
             try:
                 result = await splice.wait()
             finally:
@@ -490,6 +493,8 @@ class Session:
             self.state.splices.discard(splice)
             await self.state.cancels.release(key)
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
+        if result.error_sent is not None:
+            self.log.sqlstate = "08006" if result.error_sent == "compute_lost" else "57P01"
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
         self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)
         if result.query_running and result.closed_by != "compute":

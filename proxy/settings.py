@@ -28,6 +28,9 @@ class ProxySettings:
     role_cache_ttl: float = 30.0
     address_cache_ttl: float = 60.0
     drain_timeout: float = 10.0
+    # After the drain deadline, how long a session may take to reach a message
+    # boundary (and its query's cancel to be sent) before it is cut.
+    drain_grace: float = 2.0
     backlog: int = 1024
     # Connections still in the handshake; past this new ones get 53300 and are closed.
     max_handshakes: int = 10_000

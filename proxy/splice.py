@@ -18,10 +18,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.pgwire import messages
 from proxy.pgwire.errors import ProtocolViolation
 from proxy.pgwire.tracker import BackendTracker, FrontendTracker
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL's own wording for a server shutdown is "terminating connection due to
+# administrator command"; this says whose shutdown it is.
+SHUTDOWN_ERROR = messages.error_response(
+    "57P01", "terminating connection because the proxy is shutting down",
+    hint="Reconnect: another proxy instance will serve the session.",
+)
 
 # Transport write-buffer limits: enough to keep a TLS record pipeline busy,
 # small enough that 10 000 idle sessions cost little.
@@ -38,6 +46,8 @@ class SpliceResult:
     # A request was outstanding on the compute when the splice ended (a query may
     # still be running there: the caller cancels it).
     query_running: bool = False
+    # The proxy wrote an ErrorResponse of its own: "compute_lost" or "ended" (a drain).
+    error_sent: str | None = None
 
 
 class _Side(asyncio.Protocol):
@@ -146,6 +156,7 @@ class Splice:
         self._end_error = b""  # the proxy ends the session with this ErrorResponse…
         self._end_when_idle = True  # …once idle, or else at the next boundary
         self.query_running_at_end = False
+        self.error_sent: str | None = None
 
     @property
     def frontend(self) -> FrontendTracker:
@@ -208,6 +219,7 @@ class Splice:
         if ready:
             if not self.client.is_closing():
                 self.client.write(self._end_error)
+                self.error_sent = "ended"
             self.finish("proxy")
 
     def finish(self, closed_by: str) -> None:
@@ -228,6 +240,7 @@ class Splice:
                 and not self.client.is_closing()
             ):
                 self.client.write(self.compute_lost_error)
+                self.error_sent = "compute_lost"
         self.client.close()
         self.compute.close()
 
@@ -246,7 +259,23 @@ class Splice:
             client_terminated=self._client_side.tracker.terminated,
             closed_by=closed_by,
             query_running=self.query_running_at_end,
+            error_sent=self.error_sent,
         )
+
+
+@dataclass
+class SessionEnding:
+    """How the proxy is ending its sessions (a drain): applied to each live splice,
+    and to any splice that starts meanwhile."""
+
+    error: bytes
+    when_idle: bool = True
+
+    def apply(self, splice: Splice) -> None:
+        if self.when_idle:
+            splice.end_when_idle(self.error)
+        else:
+            splice.end_at_boundary(self.error)
 
 
 def _not_started(data: bytes) -> None:
