@@ -17,6 +17,7 @@ CONNECT_SCENARIOS: dict[str, tuple[str, list[str]]] = {
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),
     "frontdoor": ("loadtests.frontdoor", []),
+    "splicecpu": ("loadtests.splicecpu", []),
 }
 
 

@@ -18,6 +18,7 @@ from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
+from proxy.sessionstate import SessionCounts
 from proxy.settings import ProxySettings
 from proxy.shared import open_shared
 from proxy.splice import SHUTDOWN_ERROR, SessionEnding
@@ -85,6 +86,11 @@ class ProxyServer:
 
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
+
+    def session_counts(self) -> dict[str, SessionCounts]:
+        """Per endpoint: this proxy's sessions attached, parked and pinned (for the
+        activity report and status)."""
+        return self.state.registry.counts()
 
     @property
     def port(self) -> int:

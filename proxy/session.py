@@ -42,6 +42,7 @@ from proxy.routing import (
     resolve_optional,
     resolve_with_password,
 )
+from proxy.sessionstate import SessionRegistry
 from proxy.settings import ProxySettings
 from proxy.splice import SessionEnding, Splice
 from proxy.stream import PeerClosed, Stream
@@ -68,6 +69,7 @@ class ProxyState:
     sessions: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
     ending: SessionEnding | None = None  # set while the proxy drains
+    registry: SessionRegistry = field(default_factory=SessionRegistry)
     handshakes: int = 0
     guards: ConnectionGuards = field(default_factory=ConnectionGuards)
 
@@ -477,6 +479,8 @@ class Session:
             ),
         )
         self.state.splices.add(splice)
+        assert self.log.endpoint is not None
+        self.state.registry.add(self.log.endpoint, splice)
         try:
             splice.start(
                 client_pending=reader.take_trailing() + stream.take_buffered(),
@@ -491,6 +495,7 @@ class Session:
                 self.state.metrics.connections_active.dec()
         finally:
             self.state.splices.discard(splice)
+            self.state.registry.discard(self.log.endpoint, splice)
             await self.state.cancels.release(key)
         self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
         if result.error_sent is not None:

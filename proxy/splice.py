@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 
 from proxy.pgwire import messages
 from proxy.pgwire.errors import ProtocolViolation
@@ -110,8 +110,10 @@ class _ClientSide(_Side):
     # (bodies skipped by length) and the peer's bound write method.
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
+        tracker = self.tracker
+        tracker.last_activity = monotonic()
         try:
-            self.tracker.feed_at(data, time.monotonic())
+            tracker.feed(data)
         except ProtocolViolation as exc:
             # The compute will refuse the same bytes with its own error; the splice
             # just stops knowing where the boundaries are.

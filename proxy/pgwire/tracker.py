@@ -19,6 +19,7 @@ import struct
 from proxy.pgwire.errors import ProtocolViolation
 
 _HEADER = struct.Struct("!BI")
+_unpack_header = _HEADER.unpack_from
 _MAX_LENGTH = (1 << 31) - 1
 
 # Frontend message types (after the startup phase).
@@ -39,13 +40,17 @@ _FATAL_SEVERITIES = (b"SFATAL\x00", b"SPANIC\x00")
 class _Framer:
     """Walks message headers; subclasses see each header once, in order."""
 
-    __slots__ = ("_head", "_skip", "_want", "broken", "direction")
+    __slots__ = ("_head", "_pending", "_skip", "_want", "broken", "direction", "last_type")
+    # The message types a subclass wants to see (`_message`); others are only skipped.
+    NOTABLE: frozenset[int] = frozenset()
 
     def __init__(self, direction: str) -> None:
         self.direction = direction
+        self.last_type = 0  # the type of the last message whose header was read
         self._skip = 0  # body bytes of the current message still to come
         self._head = b""  # a partial header (0..4 bytes) carried to the next chunk
         self._want = 0  # a message type whose body starts at the next chunk's first byte
+        self._pending = False  # any of the above, or broken: the next chunk resumes
         self.broken = False
 
     @property
@@ -56,46 +61,77 @@ class _Framer:
     def feed(self, data: bytes) -> None:
         """Account for one chunk. Raises ProtocolViolation on an invalid length;
         after that the tracker is `broken` and ignores further input."""
+        # The hot path (a chunk that starts on a boundary) reads one attribute,
+        # then walks headers with no call per message unless its type is notable.
+        pos = self._resume(data) if self._pending else 0
+        if pos < 0:
+            return
+        n = len(data)
+        notable = self.NOTABLE
+        last = -1
+        while pos + 5 <= n:
+            type_, length = _unpack_header(data, pos)
+            if length < 4:
+                self._invalid(type_, length)
+            last = type_
+            if type_ in notable:
+                self._message(type_, data, pos + 5, length - 4)
+            pos += 1 + length
+        if last >= 0:
+            self.last_type = last
+        if pos != n:
+            self._pending = True
+            if pos > n:
+                self._skip = pos - n
+            else:
+                self._head = data[pos:]
+
+    def _resume(self, data: bytes) -> int:
+        """A chunk after one that ended inside a message: where its first whole
+        message starts, or -1 when nothing more in it is to be walked."""
         n = len(data)
         if self.broken or not n:
-            return
+            return -1
         if self._want:
             self._body_start(data)
         pos = self._skip
         if pos:
             if pos >= n:
                 self._skip = pos - n
-                return
+                self._pending = bool(self._skip or self._want)
+                return -1
             self._skip = 0
         elif self._head:
             carried = len(self._head)
             head = self._head + data[: 5 - carried]
             if len(head) < 5:
                 self._head = head
-                return
+                return -1
             self._head = b""
             type_, length = _HEADER.unpack(head)
             pos = self._header(type_, length, data, 5 - carried)
-        unpack = _HEADER.unpack_from
-        while n - pos >= 5:
-            type_, length = unpack(data, pos)
-            pos = self._header(type_, length, data, pos + 5)
-        if pos > n:
-            self._skip = pos - n
-        elif pos < n:
-            self._head = data[pos:]
+            if pos > n:
+                self._skip = pos - n
+                return -1
+        self._pending = bool(self._want)
+        return pos
 
     def _header(self, type_: int, length: int, data: bytes, body: int) -> int:
-        """One header; `body` is where its body starts in `data` (maybe at the end).
+        """A header that was split across chunks; its body starts at `data[body]`.
         Returns where the next message starts."""
         if length < 4:
-            self.broken = True
-            raise ProtocolViolation(
-                f"invalid message length {length} for message type {bytes([type_])!r} "
-                f"from the {self.direction}"
-            )
-        self._message(type_, data, body, length - 4)
+            self._invalid(type_, length)
+        self.last_type = type_
+        if type_ in self.NOTABLE:
+            self._message(type_, data, body, length - 4)
         return body + length - 4
+
+    def _invalid(self, type_: int, length: int) -> None:
+        self.broken = self._pending = True
+        raise ProtocolViolation(
+            f"invalid message length {length} for message type {bytes([type_])!r} "
+            f"from the {self.direction}"
+        )
 
     def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
         raise NotImplementedError
@@ -108,7 +144,8 @@ class _Framer:
 class BackendTracker(_Framer):
     """The compute → client direction."""
 
-    __slots__ = ("_probe", "copying", "fatal", "last_type", "ready_count", "status")
+    __slots__ = ("_probe", "copying", "fatal", "ready_count", "status")
+    NOTABLE = frozenset(b"ZEGHW")
 
     def __init__(self) -> None:
         super().__init__("compute")
@@ -116,12 +153,10 @@ class BackendTracker(_Framer):
         self.ready_count = 0  # ReadyForQuery messages seen
         self.copying = False  # between a Copy*Response and the next ReadyForQuery
         self.fatal = False  # the compute sent a FATAL/PANIC ErrorResponse
-        # A splice starts right after the login's ReadyForQuery.
-        self.last_type = _READY
+        self.last_type = _READY  # a splice starts right after the login's ReadyForQuery
         self._probe = b""  # the first bytes of an ErrorResponse split across chunks (≤ 7)
 
     def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
-        self.last_type = type_
         if type_ == _READY:
             # Counted once its status is known, so the two always agree.
             if body < len(data) or not body_length:
@@ -164,6 +199,7 @@ class FrontendTracker(_Framer):
     """The client → compute direction."""
 
     __slots__ = ("last_activity", "requests", "terminated", "unsynced")
+    NOTABLE = frozenset(b"QSFXPBEDCH")
 
     def __init__(self) -> None:
         super().__init__("client")

@@ -15,6 +15,7 @@ import pytest
 
 from pgwake.up import Up
 from proxy.pgwire import messages
+from proxy.pgwire.codec import frame
 from tests.wire import (
     client_tls_context,
     raw_connection,
@@ -119,6 +120,11 @@ async def test_no_error_is_sent_after_the_clients_terminate(
         async with raw_connection(stack.proxy_port) as (reader, writer):
             await ssl_request_upgrade(reader, writer, context, None)
             await raw_login(reader, writer, endpoint)
+            # A query first: the compute's last bytes before the close are then a
+            # ReadyForQuery, which is what made the proxy add its 08006.
+            writer.write(frame(b"Q", b"select 1\x00"))
+            answer = await read_reply(reader, DEADLINE, until=lambda r: b"Z" in r.types)
+            assert answer.types == b"TDCZ", answer
             writer.write(messages.terminate())
             bye = await read_reply(reader, DEADLINE)
             assert bye.closed
