@@ -35,6 +35,8 @@ _READY = ord("Z")
 _ERROR = ord("E")
 _COPY_START = frozenset(b"GHW")  # CopyInResponse, CopyOutResponse, CopyBothResponse
 _FATAL_SEVERITIES = (b"SFATAL\x00", b"SPANIC\x00")
+_BACKEND_NOTABLE = frozenset(b"ZEGHW")
+_FRONTEND_NOTABLE = frozenset(b"QSFXPBEDCH")
 
 
 class _Framer:
@@ -145,7 +147,7 @@ class BackendTracker(_Framer):
     """The compute → client direction."""
 
     __slots__ = ("_probe", "copying", "fatal", "ready_count", "status")
-    NOTABLE = frozenset(b"ZEGHW")
+    NOTABLE = _BACKEND_NOTABLE
 
     def __init__(self) -> None:
         super().__init__("compute")
@@ -156,11 +158,42 @@ class BackendTracker(_Framer):
         self.last_type = _READY  # a splice starts right after the login's ReadyForQuery
         self._probe = b""  # the first bytes of an ErrorResponse split across chunks (≤ 7)
 
+    def feed(self, data: bytes) -> None:
+        # The generic walk with ReadyForQuery (one per answer) handled inline:
+        # this runs for every chunk a compute sends.
+        pos = self._resume(data) if self._pending else 0
+        if pos < 0:
+            return
+        n = len(data)
+        last = -1
+        while pos + 5 <= n:
+            type_, length = _unpack_header(data, pos)
+            if length < 4:
+                self._invalid(type_, length)
+            last = type_
+            if type_ in _BACKEND_NOTABLE:
+                if type_ == _READY and length == 5 and pos + 5 < n:
+                    self.status = data[pos + 5 : pos + 6]
+                    self.ready_count += 1
+                    self.copying = False
+                else:
+                    self._message(type_, data, pos + 5, length - 4)
+            pos += 1 + length
+        if last >= 0:
+            self.last_type = last
+        if pos != n:
+            self._pending = True
+            if pos > n:
+                self._skip = pos - n
+            else:
+                self._head = data[pos:]
+
     def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
         if type_ == _READY:
             # Counted once its status is known, so the two always agree.
             if body < len(data) or not body_length:
-                self.status = data[body : body + 1] or self.status
+                if body_length:
+                    self.status = data[body : body + 1]
                 self.ready_count += 1
                 self.copying = False
             else:
@@ -199,7 +232,7 @@ class FrontendTracker(_Framer):
     """The client → compute direction."""
 
     __slots__ = ("last_activity", "requests", "terminated", "unsynced")
-    NOTABLE = frozenset(b"QSFXPBEDCH")
+    NOTABLE = _FRONTEND_NOTABLE
 
     def __init__(self) -> None:
         super().__init__("client")
@@ -212,6 +245,36 @@ class FrontendTracker(_Framer):
         """`feed`, recording `now` (the caller's clock) as the last client activity."""
         self.last_activity = now
         self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        # The generic walk with Query (one per simple request) counted inline.
+        pos = self._resume(data) if self._pending else 0
+        if pos < 0:
+            return
+        n = len(data)
+        last = -1
+        queries = 0
+        while pos + 5 <= n:
+            type_, length = _unpack_header(data, pos)
+            if length < 4:
+                self.requests += queries
+                self._invalid(type_, length)
+            last = type_
+            if type_ == _QUERY:
+                queries += 1
+            elif type_ in _FRONTEND_NOTABLE:
+                self._message(type_, data, pos + 5, length - 4)
+            pos += 1 + length
+        if queries:
+            self.requests += queries
+        if last >= 0:
+            self.last_type = last
+        if pos != n:
+            self._pending = True
+            if pos > n:
+                self._skip = pos - n
+            else:
+                self._head = data[pos:]
 
     def _message(self, type_: int, data: bytes, body: int, body_length: int) -> None:
         if type_ == _QUERY or type_ == _FUNCTION_CALL:
