@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from time import monotonic
 
 from proxy.pgwire import messages
+from proxy.pgwire.codec import MessageReader, frame
 from proxy.pgwire.errors import ProtocolViolation
 from proxy.pgwire.tracker import BackendTracker, FrontendTracker
 
@@ -122,14 +123,18 @@ class _ClientSide(_Side):
 
 
 class _ComputeSide(_Side):
-    __slots__ = ("tracker", "watch")
+    __slots__ = ("capture", "tracker", "watch")
 
     def __init__(self, splice: Splice, tls: bool):
         super().__init__(splice, "compute", tls)
         self.tracker = BackendTracker()
         self.watch = False  # the splice wants to hear of every step (ending at a boundary)
+        self.capture: _Capture | None = None  # the answer to the proxy's own query
 
     def data_received(self, data: bytes) -> None:
+        if self.capture is not None:
+            self.capture.feed(data)
+            return
         self.bytes += len(data)
         try:
             self.tracker.feed(data)
@@ -138,6 +143,47 @@ class _ComputeSide(_Side):
         self.write(data)
         if self.watch:
             self.splice.compute_progressed()
+
+
+class ProbeRefused(Exception):
+    """The session is not idle (or is ending): the proxy may not use its backend now."""
+
+
+class _Capture:
+    """Collects the compute's answer to a query of the proxy's own, up to its
+    ReadyForQuery; asynchronous messages meant for the client (notifications,
+    parameter changes) are passed on to it whole."""
+
+    def __init__(self, splice: Splice, max_bytes: int) -> None:
+        self.splice = splice
+        self.reader = MessageReader(max_length=max_bytes)
+        self.answer: list[tuple[bytes, bytes]] = []
+        self.done: asyncio.Future[list[tuple[bytes, bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.budget = max_bytes
+
+    def feed(self, data: bytes) -> None:
+        self.budget -= len(data)
+        self.reader.feed(data)
+        try:
+            while (message := self.reader.next_message()) is not None:
+                kind, body = message
+                if kind in (b"A", b"S"):
+                    self.splice.client.write(frame(kind, body))
+                    continue
+                self.answer.append(message)
+                if kind == b"Z":
+                    self.splice.end_capture(self.reader.take_trailing())
+                    if not self.done.done():
+                        self.done.set_result(self.answer)
+                    return
+            if self.budget < 0:
+                raise ProtocolViolation("the answer to the proxy's query is too large")
+        except ProtocolViolation as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+            self.splice.finish("proxy")
 
 
 class Splice:
@@ -198,6 +244,39 @@ class Splice:
             elif not transport.is_reading():
                 transport.resume_reading()
 
+    async def probe(self, query: bytes, *, timeout: float, max_bytes: int = 1 << 20
+                    ) -> list[tuple[bytes, bytes]]:
+        """Run the proxy's own simple Query on this session's backend while the
+        session is idle, and return the compute's answer (up to its ReadyForQuery)
+        without the client seeing it. The client's next message waits meanwhile."""
+        side = self._compute_side
+        if not self.idle or not self.frontend.at_boundary or self._end_error or (
+            side.capture is not None or self._done.done()
+        ):
+            raise ProbeRefused("session is not idle")
+        capture = side.capture = _Capture(self, max_bytes)
+        self.client.pause_reading()
+        self.compute.write(query)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(capture.done)
+        except BaseException:
+            # No answer in time: the backend's state is unknown, so is the stream.
+            self.finish("proxy")
+            raise
+
+    def end_capture(self, trailing: bytes) -> None:
+        self._compute_side.capture = None
+        if trailing:
+            self._compute_side.data_received(trailing)
+        if self._done.done():
+            return
+        if self._end_error:
+            self.compute_progressed()  # a drain that began meanwhile
+        if not self._end_error or self._end_when_idle:
+            if not self.client.is_closing():
+                self.client.resume_reading()
+
     def end_when_idle(self, error: bytes) -> None:
         """Send `error` and close at the session's next idle point (now, if idle)."""
         self._end_error = error
@@ -215,7 +294,7 @@ class Splice:
         self.compute_progressed()
 
     def compute_progressed(self) -> None:
-        if not self._end_error or self._done.done():
+        if not self._end_error or self._done.done() or self._compute_side.capture is not None:
             return
         ready = self.idle if self._end_when_idle else self.backend.at_boundary
         if ready:
@@ -225,6 +304,10 @@ class Splice:
             self.finish("proxy")
 
     def finish(self, closed_by: str) -> None:
+        capture = self._compute_side.capture
+        if capture is not None and not capture.done.done():
+            capture.done.set_exception(ProbeRefused("the session ended"))
+            capture.done.exception()  # retrieved: the probe may have given up already
         if not self._done.done():
             self._done.set_result(closed_by)
             self.query_running_at_end = self.outstanding
