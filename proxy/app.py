@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import socket
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -18,7 +19,7 @@ from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.session import ProxyState, Session, mock_key_from
-from proxy.sessionstate import SessionCounts
+from proxy.sessionstate import SessionCounts, SessionRegistry
 from proxy.settings import ProxySettings
 from proxy.shared import open_shared
 from proxy.splice import SHUTDOWN_ERROR, SessionEnding
@@ -64,6 +65,7 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._activity_task: asyncio.Task[None] | None = None
+        self._survey_task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.state.metrics.watch(self)
 
@@ -127,6 +129,10 @@ class ProxyServer:
             report_activity(self.control, self.state.guards, s.activity_interval),
             name="proxy-activity",
         )
+        if s.park_sessions:
+            self._survey_task = asyncio.create_task(
+                survey_sessions(self.state.registry, s), name="proxy-session-survey"
+            )
         self.listening.set()
         log.info("proxy listening on %s:%d", s.listen_host, self.port)
 
@@ -168,6 +174,8 @@ class ProxyServer:
         """Stop accepting; give live sessions `timeout` to end, then cut them."""
         await self.stop_accepting()
         timeout = self.settings.drain_timeout if timeout is None else timeout
+        if self._survey_task is not None:
+            self._survey_task.cancel()  # no more probes on sessions being ended
         sessions = set(self.state.sessions)
         if sessions:
             log.info("draining %d sessions (up to %.0f s)", len(sessions), timeout)
@@ -188,6 +196,10 @@ class ProxyServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._survey_task is not None:
+            self._survey_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._survey_task
         await self.state.wake.close()
         if self._activity_task is not None:
             self._activity_task.cancel()
@@ -235,3 +247,17 @@ async def report_activity(
             reported = counts
         except ControlAPIError as exc:
             log.warning("activity report failed: %s", exc)
+
+
+async def survey_sessions(registry: SessionRegistry, settings: ProxySettings) -> None:
+    """The sessions' janitor: learn, from the compute, the state of every session
+    that has gone idle, so it can park when its compute goes away."""
+    while True:
+        await asyncio.sleep(settings.survey_after / 2)
+        try:
+            await registry.survey_idle(
+                now=time.monotonic(), idle_for=settings.survey_after,
+                timeout=settings.survey_timeout,
+            )
+        except Exception:
+            log.exception("session survey failed")

@@ -61,6 +61,16 @@ class CancelMap:
             )
         return ProxyKey(pid, secret)
 
+    async def retarget(self, key: ProxyKey, target: CancelTarget) -> None:
+        """The session behind `key` moved to another backend (a re-attach): the
+        key the client holds now cancels there."""
+        self._targets[key.pid] = (key.secret, target)
+        if self._shared is not None:
+            await self._shared.put_cancel(
+                key.pid, SharedCancel(target.address, target.pid, target.secret, key.secret),
+                CANCEL_KEY_TTL,
+            )
+
     async def release(self, key: ProxyKey) -> None:
         self._targets.pop(key.pid, None)
         if self._shared is not None:

@@ -32,6 +32,19 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.reattach_latency = Histogram(
+            "pgwake_reattach_latency_seconds",
+            "A parked session's first message to a new backend ready for it "
+            "(wake, login, restore).",
+            ["outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.sessions_parked_total = Counter(
+            "pgwake_sessions_parked_total",
+            "Sessions parked because their compute went away while they were idle.",
+            registry=registry,
+        )
         self.connections_active = Gauge(
             "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
         )

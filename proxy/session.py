@@ -11,6 +11,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from proxy.attach import Credentials, RestoreFailed, restore, wait_for_client
 from proxy.auth import RoleCache, authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.compute import (
@@ -42,9 +43,9 @@ from proxy.routing import (
     resolve_optional,
     resolve_with_password,
 )
-from proxy.sessionstate import SessionRegistry
+from proxy.sessionstate import SessionRegistry, SessionSnapshot
 from proxy.settings import ProxySettings
-from proxy.splice import SessionEnding, Splice
+from proxy.splice import SessionEnding, Splice, SpliceResult
 from proxy.stream import PeerClosed, Stream
 from proxy.wake import WakeClient, Woken
 from tls.context import ServerTLS
@@ -131,6 +132,7 @@ class Session:
         self._compute: ComputeSession | None = None
         self._slot: str | None = None  # the endpoint whose session slot this holds
         self.want_timing = False
+        self._credentials: Credentials | None = None  # to log in again after parking
 
     async def run(self) -> None:
         self.started = started = time.perf_counter()
@@ -201,9 +203,7 @@ class Session:
         log.info("session %d: %s %s", self.log.session_id, exc.sqlstate, exc.message)
 
     def _close(self) -> None:
-        if self._slot is not None:
-            self.state.guards.release(self._slot)
-            self._slot = None
+        self._release_slot()
         if self._compute is not None:
             self._compute.close()
         if self._stream_box:
@@ -326,6 +326,9 @@ class Session:
             if wake.done() and not wake.cancelled():
                 wake.exception()  # retrieved: after a failed lookup or auth it is no news
         self._compute = compute
+        self._credentials = Credentials(
+            compute_params, user, client_key, role.secret.server_key
+        )
         return hello, reader, compute, minor
 
     async def _admit(self, endpoint: str, failure_key: str) -> None:
@@ -468,24 +471,53 @@ class Session:
         if self.want_timing:
             self._send_timing(stream)
         stream.write(messages.ready_for_query(b"I"))
-        assert stream.transport is not None
-        splice = Splice(
-            stream.transport,
-            compute.transport,
-            compute_lost_error=messages.error_response(
-                "08006",
-                f'lost the connection to the compute of endpoint "{self.log.endpoint}"',
-                hint="The database restarted or crashed; reconnect to wake it again.",
-            ),
+        assert stream.transport is not None and self.log.endpoint is not None
+        endpoint = self.log.endpoint
+        lost_error = messages.error_response(
+            "08006",
+            f'lost the connection to the compute of endpoint "{endpoint}"',
+            hint="The database restarted or crashed; reconnect to wake it again.",
         )
-        self.state.splices.add(splice)
-        assert self.log.endpoint is not None
-        self.state.registry.add(self.log.endpoint, splice)
+        registry = self.state.registry
+        park = (stream, registry.movable) if self.settings.park_sessions else None
+        client_pending = reader.take_trailing() + stream.take_buffered()
         try:
-            splice.start(
-                client_pending=reader.take_trailing() + stream.take_buffered(),
-                compute_pending=compute.trailing,
-            )
+            while True:
+                splice = Splice(stream.transport, compute.transport, lost_error, park=park)
+                result, snapshot = await self._run_splice(
+                    splice, endpoint, client_pending, compute
+                )
+                if not result.parked:
+                    break
+                # Parked: no backend, no slot, until the client's next message.
+                self.state.metrics.sessions_parked_total.inc()
+                self._compute = None
+                self._release_slot()
+                client_pending = await wait_for_client(stream)
+                if not client_pending:
+                    return  # the client left (or said Terminate) while parked
+                compute = await self._reattach(endpoint, snapshot, stream)
+                target = CancelTarget(
+                    compute.address, compute.backend_pid, compute.backend_secret
+                )
+                await self.state.cancels.retarget(key, target)
+        finally:
+            await self.state.cancels.release(key)
+        if result.error_sent is not None:
+            self.log.sqlstate = "08006" if result.error_sent == "compute_lost" else "57P01"
+        if result.query_running and result.closed_by != "compute":
+            # The client vanished (or the proxy ended the session) mid-query: a backend
+            # learns of a closed socket only when it next writes, so the query would
+            # run on. Cancel it (DESIGN step 9).
+            await send_cancel(target)
+
+    async def _run_splice(
+        self, splice: Splice, endpoint: str, client_pending: bytes, compute: ComputeSession
+    ) -> tuple[SpliceResult, SessionSnapshot | None]:
+        self.state.splices.add(splice)
+        self.state.registry.add(endpoint, splice)
+        try:
+            splice.start(client_pending=client_pending, compute_pending=compute.trailing)
             self.state.metrics.connections_active.inc()
             if self.state.ending is not None:
                 self.state.ending.apply(splice)
@@ -494,19 +526,57 @@ class Session:
             finally:
                 self.state.metrics.connections_active.dec()
         finally:
+            snapshot = self.state.registry.snapshot(splice)
             self.state.splices.discard(splice)
-            self.state.registry.discard(self.log.endpoint, splice)
-            await self.state.cancels.release(key)
-        self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
-        if result.error_sent is not None:
-            self.log.sqlstate = "08006" if result.error_sent == "compute_lost" else "57P01"
+            self.state.registry.discard(endpoint, splice)
+        self.log.bytes_in += result.bytes_from_client
+        self.log.bytes_out += result.bytes_from_compute
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
         self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)
-        if result.query_running and result.closed_by != "compute":
-            # The client vanished (or the proxy ended the session) mid-query: a backend
-            # learns of a closed socket only when it next writes, so the query would
-            # run on. Cancel it (DESIGN step 9).
-            await send_cancel(target)
+        return result, snapshot
+
+    async def _reattach(
+        self, endpoint: str, snapshot: SessionSnapshot | None, stream: Stream
+    ) -> ComputeSession:
+        """A new backend for a parked session: wake, log in again with the ClientKey
+        held since the handshake, restore the snapshot. Failure is a clean 08006."""
+        started = time.perf_counter()
+        credentials = self._credentials
+        assert credentials is not None
+        outcome = "error"
+        try:
+            wake = asyncio.create_task(self._wake(endpoint), name=f"reattach-wake:{endpoint}")
+            try:
+                async with asyncio.timeout(self.settings.wake_timeout):
+                    compute = await self._connect_compute(
+                        wake, endpoint, credentials.params, credentials.user,
+                        credentials.client_key, credentials.server_key,
+                    )
+            finally:
+                wake.cancel()
+            self._compute = compute
+            if snapshot is not None:
+                await restore(compute, snapshot)
+            outcome = "ok"
+            return compute
+        except RestoreFailed as exc:
+            raise ClientError(
+                Kind.COMPUTE, f'could not restore the session on endpoint "{endpoint}": {exc}',
+                sqlstate="08006",
+            ) from None
+        except TimeoutError:
+            raise ClientError(
+                Kind.WAKE, f'endpoint "{endpoint}" did not wake in time', sqlstate="08006"
+            ) from None
+        finally:
+            self.state.metrics.reattach_latency.labels(outcome).observe(
+                time.perf_counter() - started
+            )
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self.state.guards.release(self._slot)
+            self._slot = None
 
 
     def _send_timing(self, stream: Stream) -> None:

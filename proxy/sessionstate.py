@@ -180,6 +180,33 @@ class SessionRegistry:
             return None
         return entry[1]
 
+    def movable(self, splice: Splice) -> bool:
+        """The compute said (and nothing was asked since) that this session holds
+        nothing that cannot move, and the wire agrees: it may park."""
+        return self.snapshot(splice) is not None and not self.pin_reasons(splice)
+
+    async def survey_idle(self, *, now: float, idle_for: float, timeout: float) -> int:
+        """Ask about every session idle for `idle_for` whose snapshot is stale, so a
+        compute that vanishes (a kill, a suspend) finds it known. Returns how many."""
+        asked = 0
+        for endpoint, splices in list(self._by_endpoint.items()):
+            stale = [
+                splice for splice in splices
+                if splice.idle and self.snapshot(splice) is None
+                and now - splice.frontend.last_activity >= idle_for
+            ]
+            for splice in stale:
+                asked += 1
+                try:
+                    requests = splice.frontend.requests
+                    snapshot = await probe_session(splice, timeout=timeout)
+                    self.snapshots[splice] = (requests, snapshot)
+                except ProbeRefused:
+                    pass
+                except (ProtocolViolation, TimeoutError) as exc:
+                    log.warning("session probe on %s failed: %s", endpoint, exc)
+        return asked
+
     async def survey(self, endpoint: str, *, timeout: float) -> dict[Splice, list[str]]:
         """Ask the compute about every idle session of `endpoint` (concurrently, each
         on its own backend) and return each session's pin reasons."""

@@ -49,6 +49,7 @@ class SpliceResult:
     query_running: bool = False
     # The proxy wrote an ErrorResponse of its own: "compute_lost" or "ended" (a drain).
     error_sent: str | None = None
+    parked: bool = False  # the compute went away; the client's transport was kept
 
 
 class _Side(asyncio.Protocol):
@@ -123,18 +124,29 @@ class _ClientSide(_Side):
 
 
 class _ComputeSide(_Side):
-    __slots__ = ("capture", "tracker", "watch")
+    __slots__ = ("capture", "held", "may_park", "tracker", "watch")
 
     def __init__(self, splice: Splice, tls: bool):
         super().__init__(splice, "compute", tls)
         self.tracker = BackendTracker()
         self.watch = False  # the splice wants to hear of every step (ending at a boundary)
         self.capture: _Capture | None = None  # the answer to the proxy's own query
+        self.may_park = False
+        # An ErrorResponse that came while the session was idle: a backend says FATAL
+        # just before it goes (a suspend's shutdown). Held until the close shows
+        # whether the session parks (then the client never sees it) or not.
+        self.held = b""
 
     def data_received(self, data: bytes) -> None:
         if self.capture is not None:
             self.capture.feed(data)
             return
+        if self.may_park:
+            if self.held:
+                data, self.held = self.held + data, b""
+            elif data[0] == 69 and self.splice.idle:  # b"E"
+                self.held = data
+                return
         self.bytes += len(data)
         try:
             self.tracker.feed(data)
@@ -192,14 +204,20 @@ class Splice:
         client: asyncio.Transport,
         compute: asyncio.Transport,
         compute_lost_error: bytes = b"",
+        park: tuple[asyncio.Protocol, Callable[[Splice], bool]] | None = None,
     ):
         self.client = client
         self.compute = compute
+        # Where the client's transport goes when the compute vanishes while the
+        # session is idle and movable (the predicate says so): the session parks.
+        self.park = park
+        self.parked = False
         # Sent to the client when the compute vanishes between messages (a crash,
         # a kill): a clean SQLSTATE instead of a bare "connection closed".
         self.compute_lost_error = compute_lost_error
         self._client_side = _ClientSide(self, _is_tls(client))
         self._compute_side = _ComputeSide(self, _is_tls(compute))
+        self._compute_side.may_park = park is not None
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._end_error = b""  # the proxy ends the session with this ErrorResponse…
         self._end_when_idle = True  # …once idle, or else at the next boundary
@@ -308,6 +326,29 @@ class Splice:
         if capture is not None and not capture.done.done():
             capture.done.set_exception(ProbeRefused("the session ended"))
             capture.done.exception()  # retrieved: the probe may have given up already
+        side = self._compute_side
+        if self.parked:
+            self.compute.close()  # the client's transport belongs to the session now
+            return
+        if (
+            closed_by == "compute"
+            and self.park is not None
+            and not self._done.done()
+            and self.idle
+            and not self._client_side.tracker.terminated
+            and not self.client.is_closing()
+            and self.park[1](self)
+        ):
+            # The backend went away under an idle, movable session: keep the client.
+            self.parked = True
+            side.held = b""
+            self.client.set_protocol(self.park[0])
+            self._done.set_result(closed_by)
+            self.compute.close()
+            return
+        if side.held:
+            held, side.held, side.may_park = side.held, b"", False
+            side.data_received(held)  # the compute's own last words, for the client
         if not self._done.done():
             self._done.set_result(closed_by)
             self.query_running_at_end = self.outstanding
@@ -345,6 +386,7 @@ class Splice:
             closed_by=closed_by,
             query_running=self.query_running_at_end,
             error_sent=self.error_sent,
+            parked=self.parked,
         )
 
 

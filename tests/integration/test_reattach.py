@@ -1,0 +1,119 @@
+"""Sessions outlive their compute: idle, movable sessions park when the compute goes
+away (suspend, kill -9) and re-attach on their next message, with their SET values
+and prepared statements; pinned ones get a clean error. Real computes, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgwake.up import Up
+from tests.integration.test_shared_state import kill_process_tree
+from wakeup.api import CreatedEndpoint
+
+DEADLINE = 30.0
+
+
+def proxied(stack: Up, ep: CreatedEndpoint) -> dict[str, object]:
+    return {
+        "host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
+        "password": ep.password, "database": ep.database, "ssl": "require",
+        "server_settings": {"options": f"endpoint={ep.id}"},
+    }
+
+
+async def all_movable(stack: Up, ep: CreatedEndpoint, sessions: int) -> None:
+    """Wait until the proxy has asked the compute about every idle session and found
+    each movable (the survey runs on its own once a session is idle)."""
+    assert stack.proxy is not None
+    registry = stack.proxy.state.registry
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            splices = list(registry._by_endpoint.get(ep.id, ()))
+            if len(splices) == sessions and all(registry.movable(s) for s in splices):
+                return
+            await asyncio.sleep(0.05)  # the survey's own cadence: nothing to await
+
+
+async def parked_sessions(stack: Up, count: float) -> None:
+    assert stack.proxy is not None
+    metric = stack.proxy.state.metrics.sessions_parked_total
+    async with asyncio.timeout(DEADLINE):
+        while metric._value.get() < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # a counter has nothing to await
+
+
+def postmaster_of(backend_pid: int) -> int:
+    fields = Path(f"/proc/{backend_pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1])
+
+
+@pytest.mark.parametrize("how", ["suspend", "kill"])
+async def test_idle_sessions_survive_their_compute(stack: Up, how: str) -> None:
+    assert stack.client is not None and stack.proxy is not None
+    ep = await stack.client.create_endpoint()
+    apg = await asyncpg.connect(**proxied(stack, ep))  # type: ignore[arg-type]
+    pg3 = await psycopg.AsyncConnection.connect(
+        ep.url_no_sni, autocommit=True, prepare_threshold=0
+    )
+    try:
+        await apg.execute("create table log (id int primary key, body text)")
+        await apg.execute("set work_mem = '7MB'")
+        insert = await apg.prepare("insert into log values ($1, $2)")
+        await insert.fetch(1, "before")
+        await pg3.execute("set application_name = 'reattach-test'")
+        await pg3.execute("prepare twice(int) as select $1 * 2")
+        cur = await pg3.execute("select %s::int + 1", (1,))
+        assert await cur.fetchone() == (2,)
+        backend = await apg.fetchval("select pg_backend_pid()")
+        parked_before = stack.proxy.state.metrics.sessions_parked_total._value.get()
+
+        for cycle in range(3):
+            await all_movable(stack, ep, 2)
+            if how == "suspend":
+                await stack.client.suspend(ep.id)
+            else:
+                kill_process_tree(postmaster_of(backend))
+                # A message sent before the proxy saw the compute go would meet the
+                # dying backend (as it would without a proxy): wait for the parking.
+                await parked_sessions(stack, parked_before + 2 * (cycle + 1))
+            # The next message wakes the endpoint and finds its session as it was.
+            await insert.fetch(cycle + 2, f"after {how} {cycle}")
+            assert await apg.fetchval("show work_mem") == "7MB"
+            cur = await pg3.execute("execute twice(21)")
+            assert await cur.fetchone() == (42,)
+            cur = await pg3.execute("select %s::int + 1", (41,))
+            assert await cur.fetchone() == (42,)
+            cur = await pg3.execute("show application_name")
+            assert await cur.fetchone() == ("reattach-test",)
+            backend = await apg.fetchval("select pg_backend_pid()")
+        rows = await apg.fetch("select id from log order by id")
+        assert [r["id"] for r in rows] == [1, 2, 3, 4]
+        parked = stack.proxy.state.metrics.sessions_parked_total._value.get() - parked_before
+        assert parked == 6
+    finally:
+        await apg.close()
+        await pg3.close()
+
+
+async def test_a_pinned_session_gets_a_clean_error(stack: Up) -> None:
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    conn = await psycopg.AsyncConnection.connect(ep.url_no_sni, autocommit=True)
+    try:
+        await conn.execute("create temp table scratch (v int)")
+        assert stack.proxy is not None
+        registry = stack.proxy.state.registry
+        reasons = await registry.survey(ep.id, timeout=DEADLINE)
+        assert list(reasons.values()) == [["temp_tables"]]
+        await stack.client.suspend(ep.id)
+        with pytest.raises(psycopg.OperationalError) as info:
+            await conn.execute("select 1")
+        # The compute's own shutdown error (57P01), or the proxy's 08006.
+        assert info.value.sqlstate in ("57P01", "08006")
+    finally:
+        await conn.close()
