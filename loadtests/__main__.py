@@ -13,6 +13,7 @@ CONNECT_SCENARIOS: dict[str, tuple[str, list[str]]] = {
     "suspended": ("loadtests.wake", ["--only", "suspended"]),
     "herd": ("loadtests.wake", ["--only", "herd"]),
     "pool": ("loadtests.create", []),
+    "reattach": ("loadtests.reattach", []),
 }
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),

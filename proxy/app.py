@@ -89,6 +89,9 @@ class ProxyServer:
     def wake_calls(self) -> int:
         return self.state.wake.wake_calls
 
+    def sessions_by_state(self) -> dict[str, int]:
+        return self.state.registry.totals()
+
     def session_counts(self) -> dict[str, SessionCounts]:
         """Per endpoint: this proxy's sessions attached, parked and pinned (for the
         activity report and status)."""

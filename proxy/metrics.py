@@ -82,6 +82,7 @@ class RuntimeSources(Protocol):
     def sessions_queued(self) -> int: ...
     def sessions_refused(self) -> int: ...
     def wake_calls(self) -> int: ...
+    def sessions_by_state(self) -> dict[str, int]: ...
 
 
 class _RuntimeCollector(Collector):
@@ -115,6 +116,15 @@ class _RuntimeCollector(Collector):
             "pgwake_wake_calls", "Wake calls this proxy made to the control API.",
             value=s.wake_calls(),
         )
+        sessions = GaugeMetricFamily(
+            "pgwake_sessions",
+            "Client sessions by state: attached (with a backend), parked (without one), "
+            "pinned and busy (among the attached).",
+            labels=["state"],
+        )
+        for state, value in s.sessions_by_state().items():
+            sessions.add_metric([state], value)
+        yield sessions
 
 
 async def serve_metrics(

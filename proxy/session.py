@@ -493,10 +493,14 @@ class Session:
                 self.state.metrics.sessions_parked_total.inc()
                 self._compute = None
                 self._release_slot()
-                client_pending = await wait_for_client(stream)
-                if not client_pending:
-                    return  # the client left (or said Terminate) while parked
-                compute = await self._reattach(endpoint, snapshot, stream)
+                registry.park(endpoint)
+                try:
+                    client_pending = await wait_for_client(stream)
+                    if not client_pending:
+                        return  # the client left (or said Terminate) while parked
+                    compute = await self._reattach(endpoint, snapshot, stream)
+                finally:
+                    registry.unpark(endpoint)
                 target = CancelTarget(
                     compute.address, compute.backend_pid, compute.backend_secret
                 )

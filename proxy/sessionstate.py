@@ -149,6 +149,7 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._by_endpoint: dict[str, set[Splice]] = {}
+        self._parked: dict[str, int] = {}  # sessions without a backend, per endpoint
         # The latest snapshot of each session the compute was asked about, with the
         # client's request count then: any request since makes it stale.
         self.snapshots: dict[Splice, tuple[int, SessionSnapshot]] = {}
@@ -227,11 +228,33 @@ class SessionRegistry:
         await asyncio.gather(*(ask(splice) for splice in splices))
         return {splice: self.pin_reasons(splice) for splice in splices}
 
+    def park(self, endpoint: str) -> None:
+        self._parked[endpoint] = self._parked.get(endpoint, 0) + 1
+
+    def unpark(self, endpoint: str) -> None:
+        left = self._parked.get(endpoint, 0) - 1
+        if left > 0:
+            self._parked[endpoint] = left
+        else:
+            self._parked.pop(endpoint, None)
+
     def counts(self) -> dict[str, SessionCounts]:
         """Per endpoint: attached, parked, pinned and busy sessions."""
         result = {}
-        for endpoint, splices in self._by_endpoint.items():
+        for endpoint in self._by_endpoint.keys() | self._parked.keys():
+            splices = self._by_endpoint.get(endpoint, set())
             pinned = sum(1 for splice in splices if self.pin_reasons(splice))
             busy = sum(1 for splice in splices if splice.outstanding)
-            result[endpoint] = SessionCounts(attached=len(splices), pinned=pinned, busy=busy)
+            result[endpoint] = SessionCounts(
+                attached=len(splices), parked=self._parked.get(endpoint, 0),
+                pinned=pinned, busy=busy,
+            )
         return result
+
+    def totals(self) -> dict[str, int]:
+        """All endpoints together, by state (for /metrics)."""
+        totals = {"attached": 0, "parked": 0, "pinned": 0, "busy": 0}
+        for counts in self.counts().values():
+            for state, value in counts.as_dict().items():
+                totals[state] += value
+        return totals
