@@ -39,6 +39,13 @@ async def all_movable(stack: Up, ep: CreatedEndpoint, sessions: int) -> None:
             await asyncio.sleep(0.05)  # the survey's own cadence: nothing to await
 
 
+async def suspend(stack: Up, ep: CreatedEndpoint) -> None:
+    """What the janitor does (smart shutdown for a grace period, then fast), called
+    in-process: on a loaded machine it can outlast the HTTP client's timeout."""
+    assert stack.control is not None and stack.control.control is not None
+    await stack.control.control.suspend(ep.id, grace=1.0)
+
+
 async def parked_sessions(stack: Up, count: float) -> None:
     assert stack.proxy is not None
     metric = stack.proxy.state.metrics.sessions_parked_total
@@ -75,7 +82,7 @@ async def test_idle_sessions_survive_their_compute(stack: Up, how: str) -> None:
         for cycle in range(3):
             await all_movable(stack, ep, 2)
             if how == "suspend":
-                await stack.client.suspend(ep.id)
+                await suspend(stack, ep)
             else:
                 kill_process_tree(postmaster_of(backend))
                 # A message sent before the proxy saw the compute go would meet the
@@ -110,10 +117,83 @@ async def test_a_pinned_session_gets_a_clean_error(stack: Up) -> None:
         registry = stack.proxy.state.registry
         reasons = await registry.survey(ep.id, timeout=DEADLINE)
         assert list(reasons.values()) == [["temp_tables"]]
-        await stack.client.suspend(ep.id)
+        await suspend(stack, ep)
         with pytest.raises(psycopg.OperationalError) as info:
             await conn.execute("select 1")
         # The compute's own shutdown error (57P01), or the proxy's 08006.
         assert info.value.sqlstate in ("57P01", "08006")
     finally:
         await conn.close()
+
+
+async def test_a_cancel_key_follows_the_session_to_its_new_backend(stack: Up) -> None:
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    conn = await psycopg.AsyncConnection.connect(ep.url_no_sni, autocommit=True)
+    try:
+        told_pid = conn.info.backend_pid
+        await all_movable(stack, ep, 1)
+        await suspend(stack, ep)
+        await conn.execute("select 1")  # re-attached to a new backend
+        sleeper = asyncio.create_task(conn.execute("select pg_sleep(300)"))
+        watcher = await asyncpg.connect(**proxied(stack, ep))  # type: ignore[arg-type]
+        async with asyncio.timeout(DEADLINE):
+            while not await watcher.fetchval(  # noqa: ASYNC110
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(300)'"
+                " and state = 'active'"
+            ):
+                await asyncio.sleep(0.02)
+        await watcher.close()
+        await conn.cancel_safe()  # the key the client got at login, before the move
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await asyncio.wait_for(sleeper, DEADLINE)
+        assert conn.info.backend_pid == told_pid  # what the client was told stays
+    finally:
+        await conn.close()
+
+
+async def test_a_pool_of_ten_keeps_working_through_suspends_and_kills(stack: Up) -> None:
+    """An app-like loop on a pool of 10 asyncpg connections, writing between cycles
+    of suspend and kill -9 while idle: no error, no lost commit, prepared
+    statements and SET values intact."""
+    assert stack.client is not None
+    ep = await stack.client.create_endpoint()
+    # asyncpg's pool resets each connection (RESET ALL) on release, so a session
+    # setting here comes with the startup packet, which a re-login sends again.
+    settings = proxied(stack, ep)
+    settings["server_settings"] = {"options": f"endpoint={ep.id}", "statement_timeout": "123s"}
+    pool = await asyncpg.create_pool(**settings, min_size=10, max_size=10)  # type: ignore[arg-type]
+    committed: list[int] = []
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("create table orders (id int primary key)")
+
+        async def app_round(base: int) -> None:
+            async def one(i: int) -> None:
+                async with pool.acquire() as conn:
+                    stmt = await conn.prepare("insert into orders values ($1)")
+                    await stmt.fetch(base + i)
+                    committed.append(base + i)
+                    assert await conn.fetchval("show statement_timeout") == "123s"
+
+            await asyncio.gather(*(one(i) for i in range(20)))
+
+        await app_round(0)
+        for cycle in range(1, 7):
+            await all_movable(stack, ep, 10)
+            if cycle % 2:
+                await suspend(stack, ep)
+            else:
+                async with pool.acquire() as conn:
+                    backend = await conn.fetchval("select pg_backend_pid()")
+                await all_movable(stack, ep, 10)
+                parked = stack.proxy.state.metrics.sessions_parked_total._value.get()  # type: ignore[union-attr]
+                kill_process_tree(postmaster_of(backend))
+                await parked_sessions(stack, parked + 10)
+            await app_round(cycle * 100)
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("select id from orders order by id")
+        assert [r["id"] for r in rows] == sorted(committed)
+        assert len(committed) == 7 * 20
+    finally:
+        await pool.close()
