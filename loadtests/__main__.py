@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),
     "frontdoor": ("loadtests.frontdoor", []),
     "splicecpu": ("loadtests.splicecpu", []),
+    "splicecost": ("loadtests.splicecost", []),
 }
 
 

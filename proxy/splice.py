@@ -102,20 +102,20 @@ class _Side(asyncio.Protocol):
 
 
 class _ClientSide(_Side):
-    __slots__ = ("tracker",)
+    __slots__ = ("feed", "tracker")
 
     def __init__(self, splice: Splice, tls: bool):
         super().__init__(splice, "client", tls)
         self.tracker = FrontendTracker()
+        self.feed = self.tracker.feed
 
     # The hot path: one call per chunk each way. A counter, the header walk
     # (bodies skipped by length) and the peer's bound write method.
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
-        tracker = self.tracker
-        tracker.last_activity = monotonic()
+        self.tracker.last_activity = monotonic()
         try:
-            tracker.feed(data)
+            self.feed(data)
         except ProtocolViolation as exc:
             # The compute will refuse the same bytes with its own error; the splice
             # just stops knowing where the boundaries are.
@@ -124,11 +124,12 @@ class _ClientSide(_Side):
 
 
 class _ComputeSide(_Side):
-    __slots__ = ("capture", "held", "may_park", "tracker", "watch")
+    __slots__ = ("capture", "feed", "held", "may_park", "special", "tracker", "watch")
 
     def __init__(self, splice: Splice, tls: bool):
         super().__init__(splice, "compute", tls)
         self.tracker = BackendTracker()
+        self.feed = self.tracker.feed
         self.watch = False  # the splice wants to hear of every step (ending at a boundary)
         self.capture: _Capture | None = None  # the answer to the proxy's own query
         self.may_park = False
@@ -136,20 +137,37 @@ class _ComputeSide(_Side):
         # just before it goes (a suspend's shutdown). Held until the close shows
         # whether the session parks (then the client never sees it) or not.
         self.held = b""
+        # Any of capture, held or watch: the rare cases leave the hot path at once.
+        self.special = False
+
+    def update(self) -> None:
+        self.special = self.capture is not None or bool(self.held) or self.watch
 
     def data_received(self, data: bytes) -> None:
+        if self.special:
+            self._special(data)
+            return
+        if data[0] == 69 and self.may_park and self.splice.idle:  # b"E" while idle
+            self.held = data
+            self.special = True
+            return
+        self.bytes += len(data)
+        try:
+            self.feed(data)
+        except ProtocolViolation as exc:
+            log.warning("compute stream untracked: %s", exc.message)
+        self.write(data)
+
+    def _special(self, data: bytes) -> None:
         if self.capture is not None:
             self.capture.feed(data)
             return
-        if self.may_park:
-            if self.held:
-                data, self.held = self.held + data, b""
-            elif data[0] == 69 and self.splice.idle:  # b"E"
-                self.held = data
-                return
+        if self.held:
+            data, self.held = self.held + data, b""
+            self.update()
         self.bytes += len(data)
         try:
-            self.tracker.feed(data)
+            self.feed(data)
         except ProtocolViolation as exc:
             log.warning("compute stream untracked: %s", exc.message)
         self.write(data)
@@ -273,6 +291,7 @@ class Splice:
         ):
             raise ProbeRefused("session is not idle")
         capture = side.capture = _Capture(self, max_bytes)
+        side.special = True
         self.client.pause_reading()
         self.compute.write(query)
         try:
@@ -285,6 +304,7 @@ class Splice:
 
     def end_capture(self, trailing: bytes) -> None:
         self._compute_side.capture = None
+        self._compute_side.update()
         if trailing:
             self._compute_side.data_received(trailing)
         if self._done.done():
@@ -298,7 +318,7 @@ class Splice:
     def end_when_idle(self, error: bytes) -> None:
         """Send `error` and close at the session's next idle point (now, if idle)."""
         self._end_error = error
-        self._compute_side.watch = True
+        self._compute_side.watch = self._compute_side.special = True
         self.compute_progressed()
 
     def end_at_boundary(self, error: bytes) -> None:
@@ -308,7 +328,7 @@ class Splice:
         self._end_when_idle = False
         if not self.client.is_closing():
             self.client.pause_reading()
-        self._compute_side.watch = True
+        self._compute_side.watch = self._compute_side.special = True
         self.compute_progressed()
 
     def compute_progressed(self) -> None:
@@ -342,12 +362,14 @@ class Splice:
             # The backend went away under an idle, movable session: keep the client.
             self.parked = True
             side.held = b""
+            side.update()
             self.client.set_protocol(self.park[0])
             self._done.set_result(closed_by)
             self.compute.close()
             return
         if side.held:
             held, side.held, side.may_park = side.held, b"", False
+            side.update()
             side.data_received(held)  # the compute's own last words, for the client
         if not self._done.done():
             self._done.set_result(closed_by)
