@@ -188,6 +188,9 @@ class ProxyServer:
             self.state.ending = ending = SessionEnding(SHUTDOWN_ERROR)
             for splice in list(self.state.splices):
                 ending.apply(splice)
+            for parked in list(self.state.parked):
+                parked.write(SHUTDOWN_ERROR)  # a parked session is always between messages
+                parked.close()
             _, pending = await asyncio.wait(sessions, timeout=timeout)
             if pending:
                 ending.when_idle = False

@@ -71,6 +71,7 @@ class ProxyState:
     splices: set[Splice] = field(default_factory=set)
     ending: SessionEnding | None = None  # set while the proxy drains
     registry: SessionRegistry = field(default_factory=SessionRegistry)
+    parked: set[Stream] = field(default_factory=set)  # clients of parked sessions
     handshakes: int = 0
     guards: ConnectionGuards = field(default_factory=ConnectionGuards)
 
@@ -494,6 +495,7 @@ class Session:
                 self._compute = None
                 self._release_slot()
                 registry.park(endpoint)
+                self.state.parked.add(stream)
                 try:
                     client_pending = await wait_for_client(stream)
                     if not client_pending:
@@ -501,6 +503,7 @@ class Session:
                     compute = await self._reattach(endpoint, snapshot, stream)
                 finally:
                     registry.unpark(endpoint)
+                    self.state.parked.discard(stream)
                 target = CancelTarget(
                     compute.address, compute.backend_pid, compute.backend_secret
                 )

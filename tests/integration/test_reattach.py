@@ -12,7 +12,16 @@ import psycopg
 import pytest
 
 from pgwake.up import Up
+from proxy.sessionstate import SessionCounts
+from tests.integration.test_session_end import raw_login
 from tests.integration.test_shared_state import kill_process_tree
+from tests.wire import (
+    client_tls_context,
+    raw_connection,
+    read_reply,
+    ssl_request_upgrade,
+    start_frontdoor,
+)
 from wakeup.api import CreatedEndpoint
 
 DEADLINE = 30.0
@@ -197,3 +206,32 @@ async def test_a_pool_of_ten_keeps_working_through_suspends_and_kills(stack: Up)
         assert len(committed) == 7 * 20
     finally:
         await pool.close()
+
+
+async def test_a_parked_session_gets_57P01_when_the_proxy_drains(stack: Up) -> None:
+    assert stack.client is not None and stack.certs is not None
+    ep = await stack.client.create_endpoint()
+    proxy = await start_frontdoor(stack)
+    try:
+        async with raw_connection(proxy.port) as (reader, writer):
+            await ssl_request_upgrade(reader, writer, client_tls_context(stack.certs.ca.cert), None)
+            await raw_login(reader, writer, ep)
+            registry = proxy.state.registry
+            async with asyncio.timeout(DEADLINE):
+                while not (  # noqa: ASYNC110 (the survey's own cadence)
+                    (splices := list(registry._by_endpoint.get(ep.id, ())))
+                    and registry.movable(splices[0])
+                ):
+                    await asyncio.sleep(0.05)
+            await suspend(stack, ep)
+            async with asyncio.timeout(DEADLINE):
+                while registry.counts().get(ep.id, SessionCounts()).parked != 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            drained = asyncio.create_task(proxy.drain(timeout=5))
+            bye = await read_reply(reader, DEADLINE)
+            await drained
+        # The suspend's own FATAL was held back (the session parked); the drain's is sent.
+        assert bye.closed and bye.types == b"E" and bye.sqlstate == "57P01"
+        assert bye.error is not None and "proxy is shutting down" in bye.error["M"]
+    finally:
+        await proxy.drain(timeout=1)
