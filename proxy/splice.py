@@ -263,6 +263,8 @@ class Splice:
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"") -> None:
         cs, ps = self._client_side, self._compute_side
+        # Idle time counts from the start: a short session is never surveyed.
+        cs.tracker.last_activity = monotonic()
         cs.peer, cs.other, cs.write = self.compute, ps, self.compute.write
         ps.peer, ps.other, ps.write = self.client, cs, self.client.write
         for transport in (self.client, self.compute):
