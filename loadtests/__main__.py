@@ -15,12 +15,15 @@ CONNECT_SCENARIOS: dict[str, tuple[str, list[str]]] = {
     "pool": ("loadtests.create", []),
     # Pool hit and suspended wake through the Kubernetes API stand-in, next to local.
     "kube-standin": ("loadtests.kube", []),
+    "reattach": ("loadtests.reattach", []),
 }
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "throughput": ("loadtests.throughput", []),
     "frontdoor": ("loadtests.frontdoor", []),
     "resize": ("loadtests.resize", []),
     "authtiming": ("loadtests.authtiming", []),
+    "splicecpu": ("loadtests.splicecpu", []),
+    "splicecost": ("loadtests.splicecost", []),
 }
 
 

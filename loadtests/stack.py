@@ -82,6 +82,7 @@ class BenchStack:
     api_key: str
     proxy_port: int
     client: ControlClient
+    pid: int = 0  # the `pgwake up` process (proxy and control plane)
 
     @property
     def ca_file(self) -> Path:
@@ -124,7 +125,7 @@ def pgwake_command(source_tree: Path | None = None, python: Path | None = None) 
 @contextlib.asynccontextmanager
 async def running_stack(
     *extra_args: str, bindir: Path | None = None, source_tree: Path | None = None,
-    python: Path | None = None, port_block: int = 0,
+    python: Path | None = None, port_block: int = 0, env: dict[str, str] | None = None,
 ) -> AsyncIterator[BenchStack]:
     directory = bench_dir("pgwake-bench-")
     base = 30000 + ((os.getpid() + port_block * 17) % 50) * 200
@@ -139,6 +140,7 @@ async def running_stack(
             "PGWAKE_DATA_DIR": str(directory),
             "PGWAKE_PG_BIN": str(bindir or pg_bindir()),
             "PGWAKE_PORT_RANGE": f"{base}-{base + 199}",
+            **(env or {}),
         },
     )
     assert proc.stdout is not None
@@ -157,7 +159,7 @@ async def running_stack(
         key = (directory / "api_key").read_text().strip()
         async with ControlClient(state["api_url"], key, timeout=60) as client:
             yield BenchStack(directory, state["api_url"], key,
-                             int(state["proxy"].rpartition(":")[2]), client)
+                             int(state["proxy"].rpartition(":")[2]), client, proc.pid)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import socket
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -19,8 +20,10 @@ from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.rolecache import RoleCache
 from proxy.session import ProxyState, Session, mock_key_from
+from proxy.sessionstate import SessionCounts, SessionRegistry
 from proxy.settings import ProxySettings
 from proxy.shared import LocalShared, open_shared
+from proxy.splice import SHUTDOWN_ERROR, SessionEnding
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader
@@ -73,6 +76,7 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._activity_task: asyncio.Task[None] | None = None
+        self._survey_task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.state.metrics.watch(self)
 
@@ -125,6 +129,14 @@ class ProxyServer:
     def cancels_dropped(self) -> int:
         return self.state.cancels.rate_limited + int(getattr(self.shared, "cancel_drops", 0))
 
+    def sessions_by_state(self) -> dict[str, int]:
+        return self.state.registry.totals()
+
+    def session_counts(self) -> dict[str, SessionCounts]:
+        """Per endpoint: this proxy's sessions attached, parked and pinned (for the
+        activity report and status)."""
+        return self.state.registry.counts()
+
     @property
     def port(self) -> int:
         assert self._listener is not None
@@ -165,6 +177,10 @@ class ProxyServer:
             ),
             name="proxy-activity",
         )
+        if s.park_sessions:
+            self._survey_task = asyncio.create_task(
+                survey_sessions(self.state.registry, s), name="proxy-session-survey"
+            )
         self.listening.set()
         log.info("proxy listening on %s:%d", s.listen_host, self.port)
 
@@ -206,15 +222,35 @@ class ProxyServer:
         """Stop accepting; give live sessions `timeout` to end, then cut them."""
         await self.stop_accepting()
         timeout = self.settings.drain_timeout if timeout is None else timeout
+        if self._survey_task is not None:
+            self._survey_task.cancel()  # no more probes on sessions being ended
         sessions = set(self.state.sessions)
         if sessions:
             log.info("draining %d sessions (up to %.0f s)", len(sessions), timeout)
+            # Idle sessions end at once, busy ones at their next idle point; at the
+            # deadline the rest end at the next message boundary (their running
+            # query is cancelled on the compute). Each gets 57P01, never a bare EOF.
+            self.state.ending = ending = SessionEnding(SHUTDOWN_ERROR)
+            for splice in list(self.state.splices):
+                ending.apply(splice)
+            for parked in list(self.state.parked):
+                parked.write(SHUTDOWN_ERROR)  # a parked session is always between messages
+                parked.close()
             _, pending = await asyncio.wait(sessions, timeout=timeout)
+            if pending:
+                ending.when_idle = False
+                for splice in list(self.state.splices):
+                    ending.apply(splice)
+                _, pending = await asyncio.wait(pending, timeout=self.settings.drain_grace)
             for splice in list(self.state.splices):
                 splice.abort()
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._survey_task is not None:
+            self._survey_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._survey_task
         await self.state.wake.close()
         await self.state.roles.close()
         await self.state.guards.close()
@@ -243,3 +279,16 @@ def raise_open_file_limit(ceiling: int = 1 << 20) -> int:
         return target
     return soft
 
+
+async def survey_sessions(registry: SessionRegistry, settings: ProxySettings) -> None:
+    """The sessions' janitor: learn, from the compute, the state of every session
+    that has gone idle, so it can park when its compute goes away."""
+    while True:
+        await asyncio.sleep(settings.survey_after / 2)
+        try:
+            await registry.survey_idle(
+                now=time.monotonic(), idle_for=settings.survey_after,
+                timeout=settings.survey_timeout,
+            )
+        except Exception:
+            log.exception("session survey failed")

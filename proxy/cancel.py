@@ -100,6 +100,18 @@ class CancelMap:
         self._targets[ident] = target
         return ProxyKey(target.pid, secret)
 
+    async def retarget(self, key: ProxyKey, target: CancelTarget) -> None:
+        """The session behind `key` moved to another backend (a re-attach): the
+        key the client holds now cancels there."""
+        ident = key_id(key.pid, key.secret)
+        self._targets[ident] = target
+        if self._shared is not None:
+            # put_cancel never overwrites (a pair is one session's): replace it.
+            await self._shared.drop_cancel(ident)
+            await self._shared.put_cancel(
+                ident, SharedCancel(target.address, target.pid, target.secret), CANCEL_KEY_TTL
+            )
+
     async def release(self, key: ProxyKey) -> None:
         ident = key_id(key.pid, key.secret)
         self._targets.pop(ident, None)

@@ -40,6 +40,19 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.reattach_latency = Histogram(
+            "pgwake_reattach_latency_seconds",
+            "A parked session's first message to a new backend ready for it "
+            "(wake, login, restore).",
+            ["outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.sessions_parked_total = Counter(
+            "pgwake_sessions_parked_total",
+            "Sessions parked because their compute went away while they were idle.",
+            registry=registry,
+        )
         self.connections_active = Gauge(
             "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
         )
@@ -80,6 +93,7 @@ class RuntimeSources(Protocol):
     def stale_addresses_served(self) -> int: ...
     def compute_full_retries(self) -> int: ...
     def cancels_dropped(self) -> int: ...
+    def sessions_by_state(self) -> dict[str, int]: ...
 
 
 class _RuntimeCollector(Collector):
@@ -130,6 +144,15 @@ class _RuntimeCollector(Collector):
             "CancelRequests dropped unlooked-up: over their source's pace, or a flood.",
             value=s.cancels_dropped(),
         )
+        sessions = GaugeMetricFamily(
+            "pgwake_sessions",
+            "Client sessions by state: attached (with a backend), parked (without one), "
+            "pinned and busy (among the attached).",
+            labels=["state"],
+        )
+        for state, value in s.sessions_by_state().items():
+            sessions.add_metric([state], value)
+        yield sessions
 
 
 async def serve_metrics(

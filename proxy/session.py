@@ -8,9 +8,11 @@ import hashlib
 import itertools
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 
 from proxy.activity import ActivityTracker
+from proxy.attach import Credentials, RestoreFailed, restore, wait_for_client
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.clientparams import is_client_only
@@ -49,8 +51,9 @@ from proxy.routing import (
     resolve_optional,
     resolve_with_password,
 )
+from proxy.sessionstate import SessionRegistry, SessionSnapshot
 from proxy.settings import ProxySettings
-from proxy.splice import Splice
+from proxy.splice import SessionEnding, Splice, SpliceResult
 from proxy.stream import PeerClosed, Stream
 from proxy.timing import PHASES, Timeline
 from proxy.wake import WakeClient, Woken
@@ -76,6 +79,9 @@ class ProxyState:
     connection_log: ConnectionLog
     sessions: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
+    ending: SessionEnding | None = None  # set while the proxy drains
+    registry: SessionRegistry = field(default_factory=SessionRegistry)
+    parked: set[Stream] = field(default_factory=set)  # clients of parked sessions
     handshakes: int = 0
     guards: ConnectionGuards = field(default_factory=ConnectionGuards)
     activity: ActivityTracker = field(default_factory=ActivityTracker)
@@ -139,6 +145,7 @@ class Session:
         self._deadline = 0.0  # the handshake deadline (event loop time)
         self.want_timing = False
         self.timeline = Timeline()
+        self._credentials: Credentials | None = None  # to log in again after parking
 
     async def run(self) -> None:
         self.timeline = Timeline()
@@ -214,8 +221,7 @@ class Session:
     def _close(self) -> None:
         if self._slot is not None:
             self.state.activity.session_ended(self._slot.endpoint_id)
-            self.state.guards.release(self._slot)
-            self._slot = None
+        self._release_slot()
         if self._compute is not None:
             self._compute.close()
         if self._stream_box:
@@ -381,6 +387,9 @@ class Session:
                 if lookup.done() and not lookup.cancelled():
                     lookup.exception()  # retrieved: after a failed auth it is no news
         self._compute = compute
+        self._credentials = Credentials(
+            compute_params, user, client_key, role.secret.server_key
+        )
         return hello, reader, compute, minor
 
     async def _admit(self, endpoint: str, user: str, failure_keys: tuple[str, str]) -> None:
@@ -572,38 +581,123 @@ class Session:
         greeting.append(messages.ready_for_query(b"I"))
         # One write: one TLS record and one syscall for the ~15 messages, not one each.
         stream.write(b"".join(greeting))
-        assert stream.transport is not None
-        splice = Splice(
-            stream.transport,
-            compute.transport,
-            compute_lost_error=messages.error_response(
-                "08006",
-                f'lost the connection to the compute of endpoint "{self.log.endpoint}"',
-                hint="The database restarted or crashed; reconnect to wake it again.",
-            ),
+        assert stream.transport is not None and self.log.endpoint is not None
+        endpoint = self.log.endpoint
+        lost_error = messages.error_response(
+            "08006",
+            f'lost the connection to the compute of endpoint "{endpoint}"',
+            hint="The database restarted or crashed; reconnect to wake it again.",
         )
-        self.state.splices.add(splice)
-        self.state.activity.attach(self.log.endpoint or "", splice)
+        registry = self.state.registry
+        park = (stream, registry.movable) if self.settings.park_sessions else None
+        client_pending = reader.take_trailing() + stream.take_buffered()
         try:
-            splice.start(
-                client_pending=reader.take_trailing() + stream.take_buffered(),
-                compute_pending=compute.trailing,
-            )
+            while True:
+                splice = Splice(stream.transport, compute.transport, lost_error, park=park)
+                result, snapshot = await self._run_splice(
+                    splice, endpoint, client_pending, compute
+                )
+                if not result.parked:
+                    break
+                # Parked: no backend, no slot, until the client's next message.
+                self.state.metrics.sessions_parked_total.inc()
+                self._compute = None
+                self._release_slot()
+                registry.park(endpoint)
+                self.state.parked.add(stream)
+                try:
+                    client_pending = await wait_for_client(stream)
+                    if not client_pending:
+                        return  # the client left (or said Terminate) while parked
+                    compute = await self._reattach(endpoint, snapshot, stream)
+                finally:
+                    registry.unpark(endpoint)
+                    self.state.parked.discard(stream)
+                target = CancelTarget(
+                    compute.address, compute.backend_pid, compute.backend_secret
+                )
+                await self.state.cancels.retarget(key, target)
+        finally:
+            await self.state.cancels.release(key)
+        if result.error_sent is not None:
+            self.log.sqlstate = "08006" if result.error_sent == "compute_lost" else "57P01"
+        if result.query_running and result.closed_by != "compute":
+            # The client vanished (or the proxy ended the session) mid-query: a backend
+            # learns of a closed socket only when it next writes, so the query would
+            # run on. Cancel it (DESIGN step 9).
+            await send_cancel(target)
+
+    async def _run_splice(
+        self, splice: Splice, endpoint: str, client_pending: bytes, compute: ComputeSession
+    ) -> tuple[SpliceResult, SessionSnapshot | None]:
+        self.state.splices.add(splice)
+        self.state.registry.add(endpoint, splice)
+        self.state.activity.attach(endpoint, splice)
+        try:
+            splice.start(client_pending=client_pending, compute_pending=compute.trailing)
             self.state.metrics.connections_active.inc()
+            if self.state.ending is not None:
+                self.state.ending.apply(splice)
             try:
                 result = await splice.wait()
             finally:
                 self.state.metrics.connections_active.dec()
         finally:
+            snapshot = self.state.registry.snapshot(splice)
             self.state.splices.discard(splice)
             self.state.activity.detach(splice)
-            await self.state.cancels.release(key)
-        self.log.bytes_in, self.log.bytes_out = result.bytes_from_client, result.bytes_from_compute
+            self.state.registry.discard(endpoint, splice)
+        self.log.bytes_in += result.bytes_from_client
+        self.log.bytes_out += result.bytes_from_compute
         self.state.metrics.bytes_total.labels("from_client").inc(result.bytes_from_client)
         self.state.metrics.bytes_total.labels("from_compute").inc(result.bytes_from_compute)
-        if result.closed_by == "client" and not result.client_terminated:
-            # The client vanished, perhaps mid-query: don't let the query run on.
-            await send_cancel(target)
+        return result, snapshot
+
+    async def _reattach(
+        self, endpoint: str, snapshot: SessionSnapshot | None, stream: Stream
+    ) -> ComputeSession:
+        """A new backend for a parked session: wake, log in again with the ClientKey
+        held since the handshake, restore the snapshot. Failure is a clean 08006."""
+        started = time.perf_counter()
+        credentials = self._credentials
+        assert credentials is not None
+        outcome = "error"
+        # The slot queue inside _connect_compute waits up to this deadline, as a
+        # connect does up to the handshake's.
+        self._deadline = asyncio.get_running_loop().time() + self.settings.wake_timeout
+        try:
+            wake = asyncio.create_task(self._wake(endpoint), name=f"reattach-wake:{endpoint}")
+            try:
+                async with asyncio.timeout(self.settings.wake_timeout):
+                    compute = await self._connect_compute(
+                        wake, endpoint, credentials.params, credentials.user,
+                        credentials.client_key, credentials.server_key,
+                    )
+            finally:
+                wake.cancel()
+            self._compute = compute
+            if snapshot is not None:
+                await restore(compute, snapshot)
+            outcome = "ok"
+            return compute
+        except RestoreFailed as exc:
+            raise ClientError(
+                Kind.COMPUTE, f'could not restore the session on endpoint "{endpoint}": {exc}',
+                sqlstate="08006",
+            ) from None
+        except TimeoutError:
+            raise ClientError(
+                Kind.WAKE, f'endpoint "{endpoint}" did not wake in time', sqlstate="08006"
+            ) from None
+        finally:
+            self.state.metrics.reattach_latency.labels(outcome).observe(
+                time.perf_counter() - started
+            )
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self.state.guards.release(self._slot)
+            self._slot = None
 
 
     def _timing_messages(self) -> list[bytes]:

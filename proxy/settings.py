@@ -38,6 +38,14 @@ class ProxySettings:
     # Control plane unreachable: serve an endpoint's last known address up to this old.
     stale_address_max_age: float = 600.0
     drain_timeout: float = 10.0
+    # After the drain deadline, how long a session may take to reach a message
+    # boundary (and its query's cancel to be sent) before it is cut.
+    drain_grace: float = 2.0
+    # Sessions: a session idle this long is asked about (on its own backend) so that
+    # it can park if its compute goes away; parking can be turned off.
+    park_sessions: bool = True
+    survey_after: float = 1.0
+    survey_timeout: float = 5.0
     backlog: int = 1024
     # Connections still in the handshake; past this new ones get 53300 and are closed.
     max_handshakes: int = 10_000

@@ -1,20 +1,37 @@
 """Step 8, splice: move bytes both ways between two transports, with flow control.
 
-No per-message parsing here: each side's data_received writes straight into
-the other transport. When a transport's write buffer fills, it pauses the
-*other* transport's reading (and resumes it when drained), so a slow reader
-never makes the proxy buffer without bound.
+Each side's data_received writes straight into the other transport; the
+chunk is also shown to a sans-IO tracker that reads only message headers
+(proxy.pgwire.tracker), so the splice knows where message boundaries are,
+the last ReadyForQuery status and whether a request is outstanding. That is
+what lets the proxy end a session with an ErrorResponse of its own without
+ever cutting a message in two. When a transport's write buffer fills, it
+pauses the *other* transport's reading (and resumes it when drained), so a
+slow reader never makes the proxy buffer without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 
-TERMINATE = b"X\x00\x00\x00\x04"
-READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"  # + one status byte
+from proxy.pgwire import messages
+from proxy.pgwire.codec import MessageReader, frame
+from proxy.pgwire.errors import ProtocolViolation
+from proxy.pgwire.tracker import BackendTracker, FrontendTracker
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL's own wording for a server shutdown is "terminating connection due to
+# administrator command"; this says whose shutdown it is.
+SHUTDOWN_ERROR = messages.error_response(
+    "57P01", "terminating connection because the proxy is shutting down",
+    hint="Reconnect: another proxy instance will serve the session.",
+)
+
 # Transport write-buffer limits: enough to keep a TLS record pipeline busy,
 # small enough that 10 000 idle sessions cost little.
 HIGH_WATER = 256 * 1024
@@ -27,12 +44,18 @@ class SpliceResult:
     bytes_from_compute: int
     client_terminated: bool  # the client said Terminate (a clean goodbye)
     closed_by: str  # "client" | "compute" | "proxy"
+    # A request was outstanding on the compute when the splice ended (a query may
+    # still be running there: the caller cancels it).
+    query_running: bool = False
+    # The proxy wrote an ErrorResponse of its own: "compute_lost" or "ended" (a drain).
+    error_sent: str | None = None
+    parked: bool = False  # the compute went away; the client's transport was kept
 
 
 class _Side(asyncio.Protocol):
     """Receives from its own transport and writes to the peer's."""
 
-    __slots__ = ("at", "bytes", "eof", "last", "name", "other", "peer", "splice", "tls", "write")
+    __slots__ = ("bytes", "eof", "name", "other", "peer", "splice", "tls", "write")
 
     def __init__(self, splice: Splice, name: str, tls: bool):
         self.splice = splice
@@ -42,17 +65,7 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.bytes = 0
         self.eof = False
-        self.last = b""  # the latest chunk, by reference: its tail is read once, at the end
         self.write: Callable[[bytes], object] = _not_started
-        self.at = 0.0  # time.monotonic() of the latest chunk: the activity report reads it
-
-    # The hot path: one call per chunk each way. Keep it to a counter, a
-    # reference, a clock read and the peer's bound write method (no slicing).
-    def data_received(self, data: bytes) -> None:
-        self.bytes += len(data)
-        self.last = data
-        self.at = _monotonic()
-        self.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -88,24 +101,170 @@ class _Side(asyncio.Protocol):
             self.peer.resume_reading()
 
 
+class _ClientSide(_Side):
+    __slots__ = ("feed", "tracker")
+
+    def __init__(self, splice: Splice, tls: bool):
+        super().__init__(splice, "client", tls)
+        self.tracker = FrontendTracker()
+        self.feed = self.tracker.feed
+
+    # The hot path: one call per chunk each way. A counter, the header walk
+    # (bodies skipped by length) and the peer's bound write method.
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.tracker.last_activity = monotonic()
+        try:
+            self.feed(data)
+        except ProtocolViolation as exc:
+            # The compute will refuse the same bytes with its own error; the splice
+            # just stops knowing where the boundaries are.
+            log.info("client stream untracked: %s", exc.message)
+        self.write(data)
+
+
+class _ComputeSide(_Side):
+    __slots__ = ("capture", "feed", "held", "may_park", "special", "tracker", "watch")
+
+    def __init__(self, splice: Splice, tls: bool):
+        super().__init__(splice, "compute", tls)
+        self.tracker = BackendTracker()
+        self.feed = self.tracker.feed
+        self.watch = False  # the splice wants to hear of every step (ending at a boundary)
+        self.capture: _Capture | None = None  # the answer to the proxy's own query
+        self.may_park = False
+        # An ErrorResponse that came while the session was idle: a backend says FATAL
+        # just before it goes (a suspend's shutdown). Held until the close shows
+        # whether the session parks (then the client never sees it) or not.
+        self.held = b""
+        # Any of capture, held or watch: the rare cases leave the hot path at once.
+        self.special = False
+
+    def update(self) -> None:
+        self.special = self.capture is not None or bool(self.held) or self.watch
+
+    def data_received(self, data: bytes) -> None:
+        if self.special:
+            self._special(data)
+            return
+        if data[0] == 69 and self.may_park and self.splice.idle:  # b"E" while idle
+            self.held = data
+            self.special = True
+            return
+        self.bytes += len(data)
+        try:
+            self.feed(data)
+        except ProtocolViolation as exc:
+            log.warning("compute stream untracked: %s", exc.message)
+        self.write(data)
+
+    def _special(self, data: bytes) -> None:
+        if self.capture is not None:
+            self.capture.feed(data)
+            return
+        if self.held:
+            data, self.held = self.held + data, b""
+            self.update()
+        self.bytes += len(data)
+        try:
+            self.feed(data)
+        except ProtocolViolation as exc:
+            log.warning("compute stream untracked: %s", exc.message)
+        self.write(data)
+        if self.watch:
+            self.splice.compute_progressed()
+
+
+class ProbeRefused(Exception):
+    """The session is not idle (or is ending): the proxy may not use its backend now."""
+
+
+class _Capture:
+    """Collects the compute's answer to a query of the proxy's own, up to its
+    ReadyForQuery; asynchronous messages meant for the client (notifications,
+    parameter changes) are passed on to it whole."""
+
+    def __init__(self, splice: Splice, max_bytes: int) -> None:
+        self.splice = splice
+        self.reader = MessageReader(max_length=max_bytes)
+        self.answer: list[tuple[bytes, bytes]] = []
+        self.done: asyncio.Future[list[tuple[bytes, bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.budget = max_bytes
+
+    def feed(self, data: bytes) -> None:
+        self.budget -= len(data)
+        self.reader.feed(data)
+        try:
+            while (message := self.reader.next_message()) is not None:
+                kind, body = message
+                if kind in (b"A", b"S"):
+                    self.splice.client.write(frame(kind, body))
+                    continue
+                self.answer.append(message)
+                if kind == b"Z":
+                    self.splice.end_capture(self.reader.take_trailing())
+                    if not self.done.done():
+                        self.done.set_result(self.answer)
+                    return
+            if self.budget < 0:
+                raise ProtocolViolation("the answer to the proxy's query is too large")
+        except ProtocolViolation as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+            self.splice.finish("proxy")
+
+
 class Splice:
     def __init__(
         self,
         client: asyncio.Transport,
         compute: asyncio.Transport,
         compute_lost_error: bytes = b"",
+        park: tuple[asyncio.Protocol, Callable[[Splice], bool]] | None = None,
     ):
         self.client = client
         self.compute = compute
+        # Where the client's transport goes when the compute vanishes while the
+        # session is idle and movable (the predicate says so): the session parks.
+        self.park = park
+        self.parked = False
         # Sent to the client when the compute vanishes between messages (a crash,
         # a kill): a clean SQLSTATE instead of a bare "connection closed".
         self.compute_lost_error = compute_lost_error
-        self._client_side = _Side(self, "client", _is_tls(client))
-        self._compute_side = _Side(self, "compute", _is_tls(compute))
+        self._client_side = _ClientSide(self, _is_tls(client))
+        self._compute_side = _ComputeSide(self, _is_tls(compute))
+        self._compute_side.may_park = park is not None
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._end_error = b""  # the proxy ends the session with this ErrorResponse…
+        self._end_when_idle = True  # …once idle, or else at the next boundary
+        self.query_running_at_end = False
+        self.error_sent: str | None = None
+
+    @property
+    def frontend(self) -> FrontendTracker:
+        return self._client_side.tracker
+
+    @property
+    def backend(self) -> BackendTracker:
+        return self._compute_side.tracker
+
+    @property
+    def outstanding(self) -> bool:
+        """A request the compute has not finished answering (a query may be running)."""
+        front = self._client_side.tracker
+        return front.requests > self._compute_side.tracker.ready_count or front.unsynced
+
+    @property
+    def idle(self) -> bool:
+        """Idle outside a transaction, with nothing asked and nothing half-sent."""
+        return self._compute_side.tracker.idle and not self.outstanding
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"") -> None:
         cs, ps = self._client_side, self._compute_side
+        # Idle time counts from the start: a short session is never surveyed.
+        cs.tracker.last_activity = monotonic()
         cs.peer, cs.other, cs.write = self.compute, ps, self.compute.write
         ps.peer, ps.other, ps.write = self.client, cs, self.client.write
         for transport in (self.client, self.compute):
@@ -123,45 +282,156 @@ class Splice:
             elif not transport.is_reading():
                 transport.resume_reading()
 
+    async def probe(self, query: bytes, *, timeout: float, max_bytes: int = 1 << 20
+                    ) -> list[tuple[bytes, bytes]]:
+        """Run the proxy's own simple Query on this session's backend while the
+        session is idle, and return the compute's answer (up to its ReadyForQuery)
+        without the client seeing it. The client's next message waits meanwhile."""
+        side = self._compute_side
+        if not self.idle or not self.frontend.at_boundary or self._end_error or (
+            side.capture is not None or self._done.done()
+        ):
+            raise ProbeRefused("session is not idle")
+        capture = side.capture = _Capture(self, max_bytes)
+        side.special = True
+        self.client.pause_reading()
+        self.compute.write(query)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(capture.done)
+        except BaseException:
+            # No answer in time: the backend's state is unknown, so is the stream.
+            self.finish("proxy")
+            raise
+
+    def end_capture(self, trailing: bytes) -> None:
+        self._compute_side.capture = None
+        self._compute_side.update()
+        if trailing:
+            self._compute_side.data_received(trailing)
+        if self._done.done():
+            return
+        if self._end_error:
+            self.compute_progressed()  # a drain that began meanwhile
+        if not self._end_error or self._end_when_idle:
+            if not self.client.is_closing():
+                self.client.resume_reading()
+
+    def end_when_idle(self, error: bytes) -> None:
+        """Send `error` and close at the session's next idle point (now, if idle)."""
+        self._end_error = error
+        self._compute_side.watch = self._compute_side.special = True
+        self.compute_progressed()
+
+    def end_at_boundary(self, error: bytes) -> None:
+        """Send `error` and close at the compute stream's next message boundary
+        (now, if it is at one). The client's further requests are not read."""
+        self._end_error = error
+        self._end_when_idle = False
+        if not self.client.is_closing():
+            self.client.pause_reading()
+        self._compute_side.watch = self._compute_side.special = True
+        self.compute_progressed()
+
+    def compute_progressed(self) -> None:
+        if not self._end_error or self._done.done() or self._compute_side.capture is not None:
+            return
+        ready = self.idle if self._end_when_idle else self.backend.at_boundary
+        if ready:
+            if not self.client.is_closing():
+                self.client.write(self._end_error)
+                self.error_sent = "ended"
+            self.finish("proxy")
+
     def finish(self, closed_by: str) -> None:
+        capture = self._compute_side.capture
+        if capture is not None and not capture.done.done():
+            capture.done.set_exception(ProbeRefused("the session ended"))
+            capture.done.exception()  # retrieved: the probe may have given up already
+        side = self._compute_side
+        if self.parked:
+            self.compute.close()  # the client's transport belongs to the session now
+            return
+        if (
+            closed_by == "compute"
+            and self.park is not None
+            and not self._done.done()
+            and self.idle
+            and not self._client_side.tracker.terminated
+            and not self.client.is_closing()
+            and self.park[1](self)
+        ):
+            # The backend went away under an idle, movable session: keep the client.
+            self.parked = True
+            side.held = b""
+            side.update()
+            self.client.set_protocol(self.park[0])
+            self._done.set_result(closed_by)
+            self.compute.close()
+            return
+        if side.held:
+            held, side.held, side.may_park = side.held, b"", False
+            side.update()
+            side.data_received(held)  # the compute's own last words, for the client
         if not self._done.done():
             self._done.set_result(closed_by)
-            # Only at a message boundary: the compute's last bytes were a whole
-            # ReadyForQuery, so an ErrorResponse cannot land inside another message.
-            # (A healthy compute that ends a session sends its own FATAL first.)
-            last = self._compute_side.last
+            self.query_running_at_end = self.outstanding
+            backend = self._compute_side.tracker
+            # Only at a message boundary, so that an ErrorResponse never lands inside
+            # another message; never after the compute's own FATAL, nor after the
+            # client's Terminate (it asked for the close: a PostgreSQL server says
+            # nothing more, and some drivers treat a late error as a crash).
             if (
                 closed_by == "compute"
                 and self.compute_lost_error
-                and last[-6:-1] == READY_FOR_QUERY_HEAD
+                and backend.at_boundary
+                and not backend.fatal
+                and not self._client_side.tracker.terminated
                 and not self.client.is_closing()
             ):
                 self.client.write(self.compute_lost_error)
+                self.error_sent = "compute_lost"
         self.client.close()
         self.compute.close()
 
     def abort(self) -> None:
         if not self._done.done():
             self._done.set_result("proxy")
+            self.query_running_at_end = self.outstanding
         self.client.abort()
         self.compute.abort()
 
     @property
     def client_active_at(self) -> float:
         """time.monotonic() of the client's latest bytes (0.0: none yet)."""
-        return self._client_side.at
+        return self._client_side.tracker.last_activity
 
     async def wait(self) -> SpliceResult:
         closed_by = await self._done
         return SpliceResult(
             bytes_from_client=self._client_side.bytes,
             bytes_from_compute=self._compute_side.bytes,
-            client_terminated=self._client_side.last.endswith(TERMINATE),
+            client_terminated=self._client_side.tracker.terminated,
             closed_by=closed_by,
+            query_running=self.query_running_at_end,
+            error_sent=self.error_sent,
+            parked=self.parked,
         )
 
 
-_monotonic = time.monotonic
+@dataclass
+class SessionEnding:
+    """How the proxy is ending its sessions (a drain): applied to each live splice,
+    and to any splice that starts meanwhile."""
+
+    error: bytes
+    when_idle: bool = True
+
+    def apply(self, splice: Splice) -> None:
+        if self.when_idle:
+            splice.end_when_idle(self.error)
+        else:
+            splice.end_at_boundary(self.error)
 
 
 def _not_started(data: bytes) -> None:

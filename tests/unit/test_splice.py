@@ -6,11 +6,16 @@ import asyncio
 import socket
 
 from proxy.pgwire import messages
+from proxy.pgwire.codec import frame
 from proxy.splice import Splice
 from proxy.stream import Stream
 
 READY = messages.ready_for_query(b"I")
 LOST = messages.error_response("08006", "lost the connection to the compute")
+SHUTDOWN = messages.error_response("57P01", "terminating connection: the proxy is shutting down")
+QUERY = frame(b"Q", b"select 1\x00")
+EARLY = frame(b"Q", b"set x = 1\x00")
+RESULT = frame(b"D", b"\x00\x01\x00\x00\x00\x01x") + frame(b"C", b"SELECT 1\x00")
 
 
 async def pair() -> tuple[asyncio.Transport, socket.socket]:
@@ -36,18 +41,106 @@ async def test_bytes_flow_both_ways_and_an_idle_compute_crash_is_reported() -> N
     client_t, client = await pair()
     compute_t, compute = await pair()
     splice = Splice(client_t, compute_t, compute_lost_error=LOST)
-    splice.start(client_pending=b"early")
-    assert await loop.sock_recv(compute, 100) == b"early"
-    await loop.sock_sendall(client, b"Q-query")
-    assert await loop.sock_recv(compute, 100) == b"Q-query"
-    await loop.sock_sendall(compute, b"result" + READY)
-    assert await loop.sock_recv(client, 100) == b"result" + READY
+    splice.start(client_pending=EARLY)
+    assert await loop.sock_recv(compute, 100) == EARLY
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    await loop.sock_sendall(compute, READY + RESULT + READY)
+    assert await loop.sock_recv(client, 100) == READY + RESULT + READY
+    assert splice.idle
     compute.close()  # the compute dies while the session is idle
     assert await recv_until_closed(client) == LOST
     result = await splice.wait()
-    assert result.closed_by == "compute"
-    assert result.bytes_from_client == len(b"earlyQ-query")
+    assert result.closed_by == "compute" and not result.query_running
+    assert result.bytes_from_client == len(EARLY + QUERY)
     client.close()
+
+
+async def test_a_compute_that_dies_mid_query_is_reported_and_the_query_is_flagged() -> None:
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST)
+    splice.start()
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    await loop.sock_sendall(compute, RESULT)  # rows, then the compute is killed
+    compute.close()
+    assert await recv_until_closed(client) == RESULT + LOST
+    assert (await splice.wait()).query_running
+    client.close()
+
+
+async def test_the_computes_own_fatal_error_is_not_doubled() -> None:
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST)
+    splice.start()
+    fatal = messages.error_response("57P01", "terminating connection due to administrator command")
+    await loop.sock_sendall(compute, fatal)
+    compute.close()
+    assert await recv_until_closed(client) == fatal
+    await splice.wait()
+    client.close()
+
+
+async def test_no_error_after_the_clients_terminate() -> None:
+    """Issue 9 item 2: the compute closes after Terminate; the client reads on."""
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST)
+    splice.start()
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    await loop.sock_sendall(compute, RESULT + READY)
+    assert await loop.sock_recv(client, 100) == RESULT + READY
+    await loop.sock_sendall(client, messages.terminate())
+    assert await loop.sock_recv(compute, 100) == messages.terminate()
+    compute.close()
+    assert await recv_until_closed(client) == b""
+    result = await splice.wait()
+    assert result.client_terminated and result.closed_by == "compute"
+    client.close()
+
+
+async def test_end_when_idle_waits_for_the_running_query() -> None:
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST)
+    splice.start()
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    splice.end_when_idle(SHUTDOWN)
+    await loop.sock_sendall(compute, RESULT[:3])
+    await loop.sock_sendall(compute, RESULT[3:] + READY)
+    assert await recv_until_closed(client) == RESULT + READY + SHUTDOWN
+    result = await splice.wait()
+    assert result.closed_by == "proxy" and not result.query_running
+    client.close()
+    compute.close()
+
+
+async def test_end_at_boundary_never_cuts_a_message_and_flags_the_query() -> None:
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST)
+    splice.start()
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    await loop.sock_sendall(compute, RESULT[:4])  # half a DataRow is on its way
+    assert await loop.sock_recv(client, 100) == RESULT[:4]
+    splice.end_at_boundary(SHUTDOWN)
+    assert not splice._done.done()
+    await loop.sock_sendall(compute, RESULT[4:])
+    assert await recv_until_closed(client) == RESULT[4:] + SHUTDOWN
+    result = await splice.wait()
+    assert result.closed_by == "proxy" and result.query_running
+    client.close()
+    compute.close()
 
 
 async def test_no_error_is_injected_in_the_middle_of_a_message() -> None:
@@ -56,9 +149,9 @@ async def test_no_error_is_injected_in_the_middle_of_a_message() -> None:
     compute_t, compute = await pair()
     splice = Splice(client_t, compute_t, compute_lost_error=LOST)
     splice.start()
-    await loop.sock_sendall(compute, b"D\x00\x00\x01\x00partial-row")
+    await loop.sock_sendall(compute, READY + b"D\x00\x00\x01\x00partial-row")
     compute.close()
-    assert await recv_until_closed(client) == b"D\x00\x00\x01\x00partial-row"
+    assert await recv_until_closed(client) == READY + b"D\x00\x00\x01\x00partial-row"
     await splice.wait()
     client.close()
 

@@ -1,0 +1,260 @@
+"""Session state known to the proxy: attached, pinned (and why), movable state, per endpoint.
+
+Two sources. The wire, through the splice's trackers: an open transaction
+(ReadyForQuery `T`/`E`), a COPY in progress, an extended-protocol exchange
+without its Sync, a stream the proxy could not follow. And the compute itself,
+asked on the session's own backend while the session is idle (`survey`): temp
+tables, advisory locks, WITH HOLD cursors and LISTEN pin a session; SET values
+and named prepared statements can move, and are captured. A session with any
+pin reason cannot move to another backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from proxy.pgwire import messages
+from proxy.pgwire.codec import frame
+from proxy.pgwire.errors import ProtocolViolation
+from proxy.splice import ProbeRefused, Splice
+
+log = logging.getLogger(__name__)
+
+# One simple Query, three result sets, one round trip. Schema-qualified, so a
+# client's search_path cannot change what it reads.
+PROBE_SQL = (
+    "select pg_catalog.pg_my_temp_schema() <> 0 and exists(select from pg_catalog.pg_class"
+    " where relnamespace = pg_catalog.pg_my_temp_schema()),"
+    " exists(select from pg_catalog.pg_locks where locktype = 'advisory'"
+    " and pid = pg_catalog.pg_backend_pid()),"
+    " exists(select from pg_catalog.pg_cursors where is_holdable),"
+    " exists(select from pg_catalog.pg_listening_channels());"
+    " select name, pg_catalog.current_setting(name) from pg_catalog.pg_settings"
+    " where source = 'session';"
+    " select name, statement, from_sql, parameter_types::pg_catalog.oid[]::text"
+    " from pg_catalog.pg_prepared_statements"
+)
+PROBE_QUERY = frame(b"Q", PROBE_SQL.encode() + b"\x00")
+_PINS = ("temp_tables", "advisory_locks", "holdable_cursors", "listen")
+
+
+@dataclass(frozen=True)
+class PreparedStatement:
+    name: str
+    statement: str  # for SQL PREPARE, the PREPARE statement itself
+    from_sql: bool
+    parameter_types: tuple[int, ...]  # the types the compute resolved, as OIDs
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """What the compute told about an idle session."""
+
+    pins: tuple[str, ...] = ()
+    settings: dict[str, str] = field(default_factory=dict)
+    prepared: tuple[PreparedStatement, ...] = ()
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    if len(body) < 2:
+        raise ProtocolViolation("malformed DataRow")
+    (count,) = struct.unpack_from("!H", body)
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        if pos + 4 > len(body):
+            raise ProtocolViolation("malformed DataRow")
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if pos + length > len(body):
+            raise ProtocolViolation("malformed DataRow")
+        values.append(body[pos : pos + length])
+        pos += length
+    return values
+
+
+def parse_probe_answer(answer: list[tuple[bytes, bytes]]) -> SessionSnapshot:
+    """The three result sets of PROBE_SQL (text format) → a snapshot. An error
+    (say, the client's statement_timeout) pins the session: its state is unknown."""
+    results: list[list[list[bytes | None]]] = [[]]
+    for kind, body in answer:
+        if kind == b"E":
+            fields = messages.parse_error_fields(body)
+            return SessionSnapshot(pins=(f"probe_failed:{fields.get('C', '?')}",))
+        if kind == b"D":
+            results[-1].append(parse_data_row(body))
+        elif kind == b"C":
+            results.append([])
+    if len(results) < 3 or len(results[0]) != 1:
+        raise ProtocolViolation("unexpected answer to the session probe")
+    flags, settings_rows, prepared_rows = results[0][0], results[1], results[2]
+    pins = tuple(name for name, flag in zip(_PINS, flags, strict=True) if flag == b"t")
+    settings = {
+        row[0].decode(): (row[1] or b"").decode() for row in settings_rows if row[0] is not None
+    }
+    prepared = []
+    for name, statement, from_sql, types in prepared_rows:
+        assert name is not None and statement is not None
+        oids = tuple(int(t) for t in (types or b"{}").decode().strip("{}").split(",") if t)
+        prepared.append(
+            PreparedStatement(name.decode(), statement.decode(), from_sql == b"t", oids)
+        )
+    return SessionSnapshot(pins, settings, tuple(prepared))
+
+
+async def probe_session(splice: Splice, *, timeout: float) -> SessionSnapshot:
+    """Ask the compute about an idle session, on the session's own backend."""
+    return parse_probe_answer(await splice.probe(PROBE_QUERY, timeout=timeout))
+
+
+@dataclass(frozen=True)
+class SessionCounts:
+    """One endpoint's sessions on this proxy. `parked` sessions hold no backend
+    (always 0 until parking exists); `pinned` ones are among the attached."""
+
+    attached: int = 0
+    parked: int = 0
+    pinned: int = 0
+    busy: int = 0  # a request is outstanding (a query runs)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"attached": self.attached, "parked": self.parked, "pinned": self.pinned,
+                "busy": self.busy}
+
+
+def pin_reasons(splice: Splice) -> list[str]:
+    """Why this session cannot move to another backend now (empty: it can)."""
+    backend, frontend = splice.backend, splice.frontend
+    reasons = []
+    if backend.broken or frontend.broken:
+        reasons.append("untracked_stream")
+    if backend.status != b"I":
+        reasons.append("transaction")
+    if backend.copying:
+        reasons.append("copy")
+    if frontend.unsynced:
+        reasons.append("extended_protocol")
+    return reasons
+
+
+class SessionRegistry:
+    """The proxy's spliced sessions by endpoint (what status, metrics and activity
+    reports count)."""
+
+    def __init__(self) -> None:
+        self._by_endpoint: dict[str, set[Splice]] = {}
+        self._parked: dict[str, int] = {}  # sessions without a backend, per endpoint
+        # The latest snapshot of each session the compute was asked about, with the
+        # client's request count then: any request since makes it stale.
+        self.snapshots: dict[Splice, tuple[int, SessionSnapshot]] = {}
+
+    def add(self, endpoint: str, splice: Splice) -> None:
+        self._by_endpoint.setdefault(endpoint, set()).add(splice)
+
+    def discard(self, endpoint: str, splice: Splice) -> None:
+        splices = self._by_endpoint.get(endpoint)
+        if splices is not None:
+            splices.discard(splice)
+            self.snapshots.pop(splice, None)
+            if not splices:
+                del self._by_endpoint[endpoint]
+
+    def pin_reasons(self, splice: Splice) -> list[str]:
+        """The wire's reasons, and the compute's when it was asked (`survey`) and the
+        session has asked nothing since (otherwise only the next survey can tell)."""
+        reasons = pin_reasons(splice)
+        snapshot = self.snapshot(splice)
+        if snapshot is not None:
+            reasons.extend(snapshot.pins)
+        return reasons
+
+    def snapshot(self, splice: Splice) -> SessionSnapshot | None:
+        """The compute's word on this session, if nothing was asked of it since."""
+        entry = self.snapshots.get(splice)
+        if entry is None or entry[0] != splice.frontend.requests:
+            return None
+        return entry[1]
+
+    def movable(self, splice: Splice) -> bool:
+        """The compute said (and nothing was asked since) that this session holds
+        nothing that cannot move, and the wire agrees: it may park."""
+        return self.snapshot(splice) is not None and not self.pin_reasons(splice)
+
+    async def survey_idle(self, *, now: float, idle_for: float, timeout: float) -> int:
+        """Ask about every session idle for `idle_for` whose snapshot is stale, so a
+        compute that vanishes (a kill, a suspend) finds it known. Returns how many."""
+        asked = 0
+        for endpoint, splices in list(self._by_endpoint.items()):
+            stale = [
+                splice for splice in splices
+                if splice.idle and self.snapshot(splice) is None
+                and now - splice.frontend.last_activity >= idle_for
+            ]
+            for splice in stale:
+                asked += 1
+                try:
+                    requests = splice.frontend.requests
+                    snapshot = await probe_session(splice, timeout=timeout)
+                    self.snapshots[splice] = (requests, snapshot)
+                except ProbeRefused:
+                    pass
+                except (ProtocolViolation, TimeoutError) as exc:
+                    log.warning("session probe on %s failed: %s", endpoint, exc)
+        return asked
+
+    async def survey(self, endpoint: str, *, timeout: float) -> dict[Splice, list[str]]:
+        """Ask the compute about every idle session of `endpoint` (concurrently, each
+        on its own backend) and return each session's pin reasons."""
+        splices = list(self._by_endpoint.get(endpoint, ()))
+
+        async def ask(splice: Splice) -> None:
+            if not splice.idle:
+                return
+            try:
+                requests = splice.frontend.requests
+                snapshot = await probe_session(splice, timeout=timeout)
+                self.snapshots[splice] = (requests, snapshot)
+            except ProbeRefused:
+                pass  # it became busy or ended: the wire says why
+            except (ProtocolViolation, TimeoutError) as exc:
+                log.warning("session probe on %s failed: %s", endpoint, exc)
+
+        await asyncio.gather(*(ask(splice) for splice in splices))
+        return {splice: self.pin_reasons(splice) for splice in splices}
+
+    def park(self, endpoint: str) -> None:
+        self._parked[endpoint] = self._parked.get(endpoint, 0) + 1
+
+    def unpark(self, endpoint: str) -> None:
+        left = self._parked.get(endpoint, 0) - 1
+        if left > 0:
+            self._parked[endpoint] = left
+        else:
+            self._parked.pop(endpoint, None)
+
+    def counts(self) -> dict[str, SessionCounts]:
+        """Per endpoint: attached, parked, pinned and busy sessions."""
+        result = {}
+        for endpoint in self._by_endpoint.keys() | self._parked.keys():
+            splices = self._by_endpoint.get(endpoint, set())
+            pinned = sum(1 for splice in splices if self.pin_reasons(splice))
+            busy = sum(1 for splice in splices if splice.outstanding)
+            result[endpoint] = SessionCounts(
+                attached=len(splices), parked=self._parked.get(endpoint, 0),
+                pinned=pinned, busy=busy,
+            )
+        return result
+
+    def totals(self) -> dict[str, int]:
+        """All endpoints together, by state (for /metrics)."""
+        totals = {"attached": 0, "parked": 0, "pinned": 0, "busy": 0}
+        for counts in self.counts().values():
+            for state, value in counts.as_dict().items():
+                totals[state] += value
+        return totals
