@@ -16,11 +16,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from wakeup.api import ControlAPIError, ControlClient
+
+if TYPE_CHECKING:
+    from proxy.sessionstate import SessionCounts
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +101,15 @@ async def report_activity(
     tracker: ActivityTracker,
     interval: float,
     invalidated: Callable[[str, float], None] = lambda endpoint_id, ago: None,
+    sessions: Callable[[], Mapping[str, SessionCounts]] | None = None,
 ) -> None:
     """Every `interval`: live sessions per endpoint, latest activity, sessions started.
     The answer names addresses that became invalid (suspends): `invalidated(endpoint,
     seconds_ago)` drops cached copies older than that, for proxies without Redis.
     One small request per interval, however many clients connect (and even when idle:
-    the answer is how suspends reach this proxy).
+    the answer is how suspends reach this proxy). With `sessions` (a proxy that
+    parks), the report also says which sessions are pinned, parked and parkable:
+    the janitor suspends under parkable sessions, a handoff waits for pinned ones.
     """
     proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(tracker):x}"
     pending = ActivitySnapshot({}, {})
@@ -112,10 +118,15 @@ async def report_activity(
         await asyncio.sleep(interval)  # the report's period, by design
         live = counts()
         snap = _merge(pending, tracker.snapshot())
+        states = sessions() if sessions is not None else None
         try:
             answer = await control.report_activity(
                 proxy_id, live, ttl=interval * 3, timeout=interval,
                 last_active=snap.last_active, started=snap.started, interval=interval,
+                pinned=None if states is None else {
+                    ep: c.pinned for ep, c in states.items() if c.pinned},
+                parked={ep: c.parked for ep, c in (states or {}).items() if c.parked},
+                parkable={ep: c.parkable for ep, c in (states or {}).items() if c.parkable},
             )
             pending = ActivitySnapshot({}, {})
             if failing:

@@ -174,6 +174,7 @@ class ProxyServer:
             report_activity(
                 self.control, self.state.guards.counts, self.state.activity,
                 s.activity_interval, self._invalidated_by_report,
+                self.session_counts if s.park_sessions else None,
             ),
             name="proxy-activity",
         )

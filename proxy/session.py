@@ -414,6 +414,12 @@ class Session:
                 f'too many failed authentication attempts for role "{user}" of endpoint '
                 f'"{endpoint}"; retry in {whole_seconds(wait)} s',
             )
+        if self.state.registry.sessions(endpoint) >= self.settings.max_sessions_per_endpoint:
+            raise ClientError(
+                Kind.TOO_MANY,
+                f'too many client sessions for endpoint "{endpoint}" on this proxy '
+                f"(limit {self.settings.max_sessions_per_endpoint})",
+            )
         wait = await limits.connect_attempts.admit(f"connect:{endpoint}")
         if wait > 0:
             raise ClientError(

@@ -122,10 +122,13 @@ class SessionCounts:
     parked: int = 0
     pinned: int = 0
     busy: int = 0  # a request is outstanding (a query runs)
+    # Idle, and known (asked of the compute) to hold nothing that cannot move: an
+    # idle suspend parks these, so they do not keep the compute awake.
+    parkable: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {"attached": self.attached, "parked": self.parked, "pinned": self.pinned,
-                "busy": self.busy}
+                "busy": self.busy, "parkable": self.parkable}
 
 
 def pin_reasons(splice: Splice) -> list[str]:
@@ -228,6 +231,10 @@ class SessionRegistry:
         await asyncio.gather(*(ask(splice) for splice in splices))
         return {splice: self.pin_reasons(splice) for splice in splices}
 
+    def sessions(self, endpoint: str) -> int:
+        """Attached and parked sessions of the endpoint on this proxy."""
+        return len(self._by_endpoint.get(endpoint, ())) + self._parked.get(endpoint, 0)
+
     def park(self, endpoint: str) -> None:
         self._parked[endpoint] = self._parked.get(endpoint, 0) + 1
 
@@ -245,15 +252,19 @@ class SessionRegistry:
             splices = self._by_endpoint.get(endpoint, set())
             pinned = sum(1 for splice in splices if self.pin_reasons(splice))
             busy = sum(1 for splice in splices if splice.outstanding)
+            parkable = sum(
+                1 for splice in splices
+                if splice.idle and not splice.outstanding and self.movable(splice)
+            )
             result[endpoint] = SessionCounts(
                 attached=len(splices), parked=self._parked.get(endpoint, 0),
-                pinned=pinned, busy=busy,
+                pinned=pinned, busy=busy, parkable=parkable,
             )
         return result
 
     def totals(self) -> dict[str, int]:
         """All endpoints together, by state (for /metrics)."""
-        totals = {"attached": 0, "parked": 0, "pinned": 0, "busy": 0}
+        totals = {"attached": 0, "parked": 0, "pinned": 0, "busy": 0, "parkable": 0}
         for counts in self.counts().values():
             for state, value in counts.as_dict().items():
                 totals[state] += value

@@ -44,6 +44,10 @@ class ProxySettings:
     # Sessions: a session idle this long is asked about (on its own backend) so that
     # it can park if its compute goes away; parking can be turned off.
     park_sessions: bool = True
+    # Client sessions per endpoint on this proxy, attached and parked together. Parked
+    # ones hold no backend, so this is far above the compute's connection budget
+    # (which bounds attached sessions); it bounds the proxy's own memory per endpoint.
+    max_sessions_per_endpoint: int = 5000
     survey_after: float = 1.0
     survey_timeout: float = 5.0
     backlog: int = 1024

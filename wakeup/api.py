@@ -98,6 +98,7 @@ class Endpoint(BaseModel):
     connections: int = 0  # live client sessions, summed over the proxies' reports
     size: str = "small"  # size class (wakeup/sizes.py) the next compute start uses
     pinned: int = 0  # of `connections`, sessions pinned to their backend (proxies' reports)
+    parked: int = 0  # sessions held at the proxies without a backend (proxies' reports)
 
 
 class PoolClass(BaseModel):
@@ -178,6 +179,12 @@ class Activity(BaseModel):
     endpoint enters `handoff` (its cached address is invalidated then): the
     drain waits for a report newer than the freeze.
 
+    `parked`: sessions this proxy holds without a backend (not in `connections`).
+    `parkable`: of `connections`, idle sessions the proxy knows it can move (the
+    compute told it they hold nothing that cannot move): they do not keep the
+    compute awake, since an idle suspend parks them and their next message
+    re-attaches them.
+
     `last_active` (endpoint → Unix time) is the latest session start, end or
     client traffic since the previous report; `started` counts sessions begun
     since then; `interval` is how often this proxy reports (so the janitor knows
@@ -188,6 +195,8 @@ class Activity(BaseModel):
     connections: dict[str, int]
     ttl: float = 3.0
     pinned: dict[str, int] | None = None
+    parked: dict[str, int] = {}
+    parkable: dict[str, int] = {}
     last_active: dict[str, float] = {}
     started: dict[str, int] = {}
     interval: float = 0.0
@@ -336,10 +345,12 @@ class ControlClient:
         self, proxy_id: str, connections: dict[str, int], *, ttl: float,
         timeout: float | None = None, last_active: dict[str, float] | None = None,
         started: dict[str, int] | None = None, interval: float = 0.0,
-        pinned: dict[str, int] | None = None,
+        pinned: dict[str, int] | None = None, parked: dict[str, int] | None = None,
+        parkable: dict[str, int] | None = None,
     ) -> ActivityAnswer:
         body = Activity(
             proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned,
+            parked=parked or {}, parkable=parkable or {},
             last_active=last_active or {}, started=started or {}, interval=interval,
         ).model_dump()
         answer = await self._call("POST", self._path("activity"), json=body, timeout=timeout)

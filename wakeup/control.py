@@ -105,6 +105,8 @@ class ControlPlane:
         # Proxies' pinned-session reports: proxy id → (expires, received, pinned per
         # endpoint). Only proxies that track pinning send them (Activity.pinned).
         self._pinned: dict[str, tuple[float, float, dict[str, int]]] = {}
+        # proxy id → (expires, parked per endpoint, parkable per endpoint).
+        self._movable: dict[str, tuple[float, dict[str, int], dict[str, int]]] = {}
         self._activity_event = asyncio.Event()
         # Endpoints whose handoff has begun: no wake hands out their address, even
         # before the control DB says `handoff` (see wakeup/handoff.py, freeze).
@@ -424,11 +426,13 @@ class ControlPlane:
                 endpoint.last_active.timestamp() > only_if_idle_since
             ):
                 return False  # a wake or a session arrived since the idle check
-            if only_if_idle_since is not None and (
-                self.reported_connections(endpoint_id)
-                or await self.connection_count(endpoint)
-            ):
-                return False
+            if only_if_idle_since is not None:
+                # Sessions the proxies can park do not hold the compute (see the janitor).
+                parkable = self.reported_parkable(endpoint_id)
+                if self.reported_connections(endpoint_id) > parkable or (
+                    (await self.connection_count(endpoint) or 0) > parkable
+                ):
+                    return False
             await self.store.set_state(endpoint_id, State.SUSPENDING)
             await self._invalidate(endpoint_id)
             try:
@@ -502,7 +506,8 @@ class ControlPlane:
     async def record_activity(
         self, proxy_id: str, connections: dict[str, int], ttl: float,
         *, last_active: dict[str, float] | None = None, interval: float = 0.0,
-        pinned: dict[str, int] | None = None,
+        pinned: dict[str, int] | None = None, parked: dict[str, int] | None = None,
+        parkable: dict[str, int] | None = None,
     ) -> dict[str, float]:
         """Record a proxy's report; answer with the endpoints whose addresses became
         invalid since its previous one (endpoint → seconds ago)."""
@@ -524,6 +529,8 @@ class ControlPlane:
         self._pinned = {k: v for k, v in self._pinned.items() if v[0] > now}
         if pinned is not None:
             self._pinned[proxy_id] = (expires, now, dict(pinned))
+        self._movable = {k: v for k, v in self._movable.items() if v[0] > now}
+        self._movable[proxy_id] = (expires, dict(parked or {}), dict(parkable or {}))
         # Wake a handoff's drain that waits for pinned sessions to go.
         self._activity_event.set()
         self._activity_event = asyncio.Event()
@@ -536,6 +543,17 @@ class ControlPlane:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._activity_event.wait()
+
+    def reported_parked(self, endpoint_id: str) -> int:
+        """Sessions the proxies hold for the endpoint without a backend."""
+        now = self.clock()
+        return sum(p.get(endpoint_id, 0) for exp, p, _ in self._movable.values() if exp > now)
+
+    def reported_parkable(self, endpoint_id: str) -> int:
+        """Of the reported connections, idle sessions the proxies can move: an idle
+        suspend parks them, so they do not keep the compute awake."""
+        now = self.clock()
+        return sum(p.get(endpoint_id, 0) for exp, _, p in self._movable.values() if exp > now)
 
     def pinned_sessions(self, endpoint_id: str) -> int:
         """Pinned sessions on the endpoint, summed over proxies' unexpired reports."""

@@ -44,7 +44,8 @@ class APIProblem(Exception):
 
 
 def _endpoint_out(
-    ep: EndpointRow, public: PublicAddress, connections: int = 0, pinned: int = 0
+    ep: EndpointRow, public: PublicAddress, connections: int = 0, pinned: int = 0,
+    parked: int = 0,
 ) -> Endpoint:
     return Endpoint(
         id=ep.id,
@@ -66,6 +67,7 @@ def _endpoint_out(
         connections=connections,
         size=ep.size,
         pinned=pinned,
+        parked=parked,
     )
 
 
@@ -148,7 +150,8 @@ def create_app(
     async def list_endpoints() -> list[Endpoint]:
         return [
             _endpoint_out(
-                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id),
+                control.reported_parked(ep.id),
             )
             for ep in await control.list()
         ]
@@ -157,7 +160,8 @@ def create_app(
     async def get_endpoint(endpoint_id: str) -> Endpoint:
         ep = await control.get(checked_id(endpoint_id))
         return _endpoint_out(
-            ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+            ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id),
+                control.reported_parked(ep.id),
         )
 
     @app.delete(v1 + "/endpoints/{endpoint_id}", dependencies=auth, status_code=204)
@@ -199,7 +203,8 @@ def create_app(
         ep = result.endpoint
         return Resize(
             endpoint=_endpoint_out(
-                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id)
+                ep, public, control.reported_connections(ep.id), control.pinned_sessions(ep.id),
+                control.reported_parked(ep.id),
             ),
             previous_size=result.previous_size,
             size=ep.size,
@@ -231,6 +236,7 @@ def create_app(
             body.proxy_id, body.connections, body.ttl,
             last_active={k: v for k, v in body.last_active.items() if ENDPOINT_ID_RE.fullmatch(k)},
             interval=body.interval, pinned=body.pinned,
+            parked=body.parked, parkable=body.parkable,
         )
         return ActivityAnswer(invalidated=invalidated)
 

@@ -81,6 +81,7 @@ class ControlService:
         self.store: Store | None = None
         self.control: ControlPlane | None = None
         self.pool: PoolManager | None = None
+        self.janitor: Janitor | None = None
         self.controldb: EmbeddedControlDB | None = None
         self._http: _EmbeddedUvicorn | None = None
         self._socket: socket.socket | None = api_socket
@@ -152,8 +153,9 @@ class ControlService:
         self._tasks.append(
             asyncio.create_task(self._http.serve(sockets=[self._socket]), name="control-api")
         )
+        self.janitor = Janitor(self.control)
         self._tasks.append(
-            asyncio.create_task(Janitor(self.control).run(self._stop), name="janitor")
+            asyncio.create_task(self.janitor.run(self._stop), name="janitor")
         )
         if s.pool.enabled:
             self.pool = self.control.pool = PoolManager(

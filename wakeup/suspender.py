@@ -23,6 +23,7 @@ class Janitor:
         # Check often enough that an endpoint is suspended (or an ephemeral one
         # deleted) within ~1.25× its timeout.
         self.interval = interval if interval is not None else min(max(idle / 4, 0.5), 30.0)
+        self.ticks = 0  # passes made (tests wait on it instead of on time)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -30,6 +31,7 @@ class Janitor:
                 await self.tick()
             except Exception:
                 log.exception("janitor tick failed")
+            self.ticks += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
 
@@ -45,8 +47,12 @@ class Janitor:
                 continue
             if endpoint.state is not State.ACTIVE:
                 continue
-            if self.control.reported_connections(endpoint.id) > 0:
-                # A proxy has a client on it (perhaps still logging in): busy.
+            # Sessions the proxies can park (idle, holding nothing that cannot move)
+            # do not keep a compute up: idle means no activity, not no connections.
+            parkable = self.control.reported_parkable(endpoint.id)
+            if self.control.reported_connections(endpoint.id) > parkable:
+                # A proxy has a client on it that holds the compute (logging in,
+                # running a query, pinned, or not yet known to be movable): busy.
                 await self.control.store.touch(endpoint.id)
                 continue
             # Proxies report activity once per interval: wait that much longer before
@@ -60,7 +66,9 @@ class Janitor:
             connections = await self.control.connection_count(endpoint)
             if connections is None:
                 continue
-            if connections > 0:
+            if connections > parkable:
+                # Backends no proxy vouches for (another client, or news not yet
+                # reported): not idle.
                 await self.control.store.touch(endpoint.id)
                 continue
             with contextlib.suppress(EndpointNotFound):
