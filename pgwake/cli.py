@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from pgwake import datadir
+from proxy.settings import ProxySettings
 from wakeup.api import SIZE_NAMES, ControlAPIError, ControlClient, Endpoint, Pool
 
 app = typer.Typer(
@@ -416,10 +417,14 @@ def proxy_command(
     log_level: Annotated[str, typer.Option(envvar="PGWAKE_LOG_LEVEL")] = "info",
     log_format: Annotated[str, typer.Option(envvar="PGWAKE_LOG_FORMAT", help="Connection log lines: text | json")] = "text",
     metrics: Annotated[str | None, typer.Option(envvar="PGWAKE_METRICS", help="Serve Prometheus /metrics on HOST:PORT")] = None,
+    handshake_timeout: Annotated[float, typer.Option(help="Seconds from accept to a spliced session; slower clients get 08006")] = ProxySettings.handshake_timeout,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds for each startup packet (SSLRequest, StartupMessage)")] = ProxySettings.startup_timeout,
+    tls_timeout: Annotated[float, typer.Option(help="Seconds for the client's TLS handshake")] = ProxySettings.tls_timeout,
+    auth_step_timeout: Annotated[float, typer.Option(help="Seconds for each of the client's authentication messages")] = ProxySettings.auth_step_timeout,
+    endpoint_queue_timeout: Annotated[float, typer.Option(help="Seconds a client waits for a session slot under --endpoint-client-cap, then 53300")] = ProxySettings.endpoint_queue_timeout,
 ) -> None:
     """Run only the proxy, against a control API elsewhere (state shared through --redis)."""
     from pgwake.split import proxy_run_settings, run_proxy
-    from proxy.settings import ProxySettings
 
     _setup_logging(log_level)
     host, port = _hostport(listen, "--listen")
@@ -429,6 +434,9 @@ def proxy_command(
                 listen_host=host, listen_port=port, domain=domain, allow_plaintext=allow_plaintext,
                 wake_timeout=wake_timeout, redis_url=redis, endpoint_client_cap=endpoint_client_cap,
                 control_rate=control_rate, address_cache_ttl=address_cache_ttl,
+                handshake_timeout=handshake_timeout, startup_timeout=startup_timeout,
+                tls_timeout=tls_timeout, auth_step_timeout=auth_step_timeout,
+                endpoint_queue_timeout=endpoint_queue_timeout,
             ),
             control_url=control_url, data_dir=data_dir, tls_cert=tls_cert, tls_key=tls_key,
             api_key=api_key,
