@@ -89,6 +89,9 @@ async def user_creates(
     kinds: dict[str, int] = {}
     for sample in samples:
         kinds[str(sample["cold_start"])] = kinds.get(str(sample["cold_start"]), 0) + 1
+    # At a user's pace the pool may not have refilled (a loaded machine): the budget is
+    # for pool hits, so the figures are of those; the misses are counted in cold_start.
+    samples = [s for s in samples if s["cold_start"] == "pool_hit"]
     return {"total_ms": [s["total_ms"] for s in samples],
             "post_ms": [s["post_ms"] for s in samples],
             "connect_ms": [s["connect_ms"] for s in samples], "cold_start": kinds,
