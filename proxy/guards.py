@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET = 97
 # Shared leases live this long unless renewed; renewed three times per period.
 LEASE_TTL = 15.0
+# A freed lease goes straight to the next session queued on this replica (no Redis
+# round trip) at most this many times in a row; then it goes back to the shared
+# budget, so that other replicas' queues get their turn.
+LOCAL_HANDOVERS = 8
 # A queue re-checks the shared budget at least this often, in case the news of a
 # slot freed on another replica was lost.
 RECHECK_SLICE = 0.25
@@ -62,6 +66,7 @@ class Slot:
     endpoint_id: str
     lease: str | None
     state: _Endpoint = field(repr=False)
+    handovers: int = 0  # sessions on this replica that held the lease before this one
 
 
 class ConnectionGuards:
@@ -229,6 +234,14 @@ class ConnectionGuards:
 
     def release(self, slot: Slot) -> None:
         state = slot.state
+        if slot.lease is None or slot.handovers < LOCAL_HANDOVERS:
+            while state.queue:
+                waiter = state.queue.popleft()
+                if not waiter.done():
+                    # The slot passes on; the count stays.
+                    waiter.set_result(
+                        Slot(slot.endpoint_id, slot.lease, state, slot.handovers + 1))
+                    return
         state.live -= 1
         if slot.lease is not None:
             state.leases.discard(slot.lease)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy import redis_scripts as scripts
 from wakeup.api import INVALIDATION_CHANNEL, ComputeAddress
 
 log = logging.getLogger(__name__)
@@ -253,51 +254,6 @@ class LocalShared:
             event.set()
 
 
-# A token bucket in one round trip: returns 0 when a token was taken, else the
-# milliseconds until one is due.
-_TAKE_TOKEN = """
-local now = tonumber(ARGV[1]); local rate = tonumber(ARGV[2]); local burst = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(state[1]) or burst
-local ts = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return wait
-"""
-
-# Session slots are leases in a sorted set scored by expiry (Redis's own clock, so
-# replicas' clocks do not matter): a replica that dies stops renewing its leases
-# and its slots come back when they expire.
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-_TAKE_SLOTS = _NOW_MS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local n = math.min(math.max(room, 0), #ARGV - 2)
-for i = 1, n do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i + 2]) end
-if n > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) end
-return n
-"""
-_RENEW_SLOTS = _NOW_MS + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return #ARGV - 1
-"""
-_DROP_SLOTS = """
-for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return 1
-"""
-
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class RedisShared:
@@ -476,7 +432,7 @@ class RedisShared:
         await self.local.unlock(endpoint_id, token)
 
         async def release() -> None:
-            await self._redis.eval(_UNLOCK, 1, KEY_PREFIX + "wakelock:" + endpoint_id, token)
+            await self._redis.eval(scripts.UNLOCK, 1, KEY_PREFIX + "wakelock:" + endpoint_id, token)
             # Waiters elsewhere re-check: the address is cached, or the wake failed.
             await self._redis.publish(INVALIDATION_CHANNEL, f"unlocked:{endpoint_id}")
 
@@ -494,7 +450,7 @@ class RedisShared:
     async def take_token(self, bucket: str, rate: float, burst: float) -> float:
         now_ms = int(time.time() * 1000)
         ok, wait_ms = await self._call("bucket", lambda: self._redis.eval(
-            _TAKE_TOKEN, 1, KEY_PREFIX + "bucket:" + bucket, now_ms, rate, burst))
+            scripts.TAKE_TOKEN, 1, KEY_PREFIX + "bucket:" + bucket, now_ms, rate, burst))
         if not ok:
             return await self.local.take_token(bucket, rate, burst)
         return float(wait_ms) / 1000.0
@@ -548,20 +504,20 @@ class RedisShared:
     async def take_slots(self, endpoint_id: str, leases: list[str], budget: int,
                          ttl: float) -> int | None:
         ok, taken = await self._call("slot", lambda: self._redis.eval(
-            _TAKE_SLOTS, 1, self._slots_key(endpoint_id), budget, max(1, int(ttl * 1000)),
+            scripts.TAKE_SLOTS, 1, self._slots_key(endpoint_id), budget, max(1, int(ttl * 1000)),
             *leases))
         return int(taken) if ok else None
 
     async def drop_slots(self, endpoint_id: str, leases: list[str]) -> None:
         self.local.announce_slot(endpoint_id)
         await self._call("slot-drop", lambda: self._redis.eval(
-            _DROP_SLOTS, 1, self._slots_key(endpoint_id), INVALIDATION_CHANNEL,
+            scripts.DROP_SLOTS, 1, self._slots_key(endpoint_id), INVALIDATION_CHANNEL,
             f"slot:{endpoint_id}", *leases))
 
     async def renew_slots(self, endpoint_id: str, leases: list[str], ttl: float) -> None:
         if leases:
             await self._call("slot-renew", lambda: self._redis.eval(
-                _RENEW_SLOTS, 1, self._slots_key(endpoint_id), max(1, int(ttl * 1000)),
+                scripts.RENEW_SLOTS, 1, self._slots_key(endpoint_id), max(1, int(ttl * 1000)),
                 *leases))
 
     def slot_waiter(self, endpoint_id: str) -> asyncio.Event:
