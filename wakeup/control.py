@@ -564,8 +564,12 @@ class ControlPlane:
             if expires > now
         )
 
-    def reported_pinned(self, endpoint_id: str, *, since: float) -> int:
-        """Pinned sessions on the endpoint according to the proxies that track pinning.
+    def reported_unmovable(self, endpoint_id: str, *, since: float) -> int:
+        """Sessions on the endpoint that cannot move to another backend yet, according
+        to the proxies that track them: pinned ones, and attached ones the proxy does
+        not (yet) know to be parkable (busy, or not yet asked of the compute). A
+        handoff's drain waits for this to reach 0: then stopping the old generation
+        parks every session, and each re-attaches on its next message.
 
         A proxy whose last report predates `since` (the freeze) and that had sessions
         on the endpoint counts as at least one: it has not yet said what they hold now.
@@ -575,10 +579,13 @@ class ControlPlane:
         for proxy_id, (expires, received, pinned) in self._pinned.items():
             if expires <= now:
                 continue
-            count = pinned.get(endpoint_id, 0)
+            activity = self._activity.get(proxy_id)
+            connections = activity[1].get(endpoint_id, 0) if activity is not None else 0
+            movable = self._movable.get(proxy_id)
+            parkable = movable[2].get(endpoint_id, 0) if movable is not None else 0
+            count = max(pinned.get(endpoint_id, 0), connections - parkable)
             if received < since:
-                activity = self._activity.get(proxy_id)
-                if activity is not None and activity[1].get(endpoint_id, 0) > 0:
+                if connections > 0:
                     count = max(count, 1)
             total += count
         return total

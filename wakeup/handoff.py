@@ -231,7 +231,7 @@ class GenerationHandoff:
                     asyncpg.InterfaceError) as exc:
                 log.info("handoff of %s: early checkpoint skipped: %s", ep.id, exc)
         while True:
-            pinned = control.reported_pinned(ep.id, since=frozen_at)
+            pinned = control.reported_unmovable(ep.id, since=frozen_at)
             if admin is not None and not admin.is_closed():
                 try:
                     pinned += int(

@@ -26,14 +26,16 @@ def plane(clock: Clock) -> ControlPlane:
 async def test_fresh_reports_are_summed_and_expire() -> None:
     clock = Clock()
     cp = plane(clock)
-    await cp.record_activity("a", {"ep-1": 3}, ttl=5, pinned={"ep-1": 1})
-    await cp.record_activity("b", {"ep-1": 2, "ep-2": 1}, ttl=5, pinned={"ep-1": 2})
+    await cp.record_activity("a", {"ep-1": 3}, ttl=5, pinned={"ep-1": 1},
+                             parkable={"ep-1": 2})
+    await cp.record_activity("b", {"ep-1": 2, "ep-2": 1}, ttl=5, pinned={"ep-1": 2},
+                             parkable={"ep-2": 1})
     assert cp.pinned_sessions("ep-1") == 3
-    assert cp.reported_pinned("ep-1", since=clock.now) == 3
-    assert cp.reported_pinned("ep-2", since=clock.now) == 0
+    assert cp.reported_unmovable("ep-1", since=clock.now) == 3
+    assert cp.reported_unmovable("ep-2", since=clock.now) == 0
     clock.now += 6
     assert cp.pinned_sessions("ep-1") == 0
-    assert cp.reported_pinned("ep-1", since=clock.now - 10) == 0
+    assert cp.reported_unmovable("ep-1", since=clock.now - 10) == 0
 
 
 async def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
@@ -44,17 +46,17 @@ async def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
     frozen = clock.now + 1
     clock.now = frozen + 0.5
     # "a" had sessions on ep-1 and has not spoken since the freeze: unknown, so 1.
-    assert cp.reported_pinned("ep-1", since=frozen) == 1
-    assert cp.reported_pinned("ep-2", since=frozen) == 1  # "quiet" has sessions there
+    assert cp.reported_unmovable("ep-1", since=frozen) == 1
+    assert cp.reported_unmovable("ep-2", since=frozen) == 1  # "quiet" has sessions there
     # No proxy has a session on ep-3: nothing to wait for.
-    assert cp.reported_pinned("ep-3", since=frozen) == 0
+    assert cp.reported_unmovable("ep-3", since=frozen) == 0
     await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={"ep-1": 0})
-    assert cp.reported_pinned("ep-1", since=frozen) == 0
+    assert cp.reported_unmovable("ep-1", since=frozen) == 0
 
 
 async def test_proxies_that_do_not_track_pinning_are_not_waited_for() -> None:
     clock = Clock()
     cp = plane(clock)
     await cp.record_activity("old-proxy", {"ep-1": 5}, ttl=30)  # no `pinned` field at all
-    assert cp.reported_pinned("ep-1", since=clock.now + 1) == 0
+    assert cp.reported_unmovable("ep-1", since=clock.now + 1) == 0
     assert cp.reported_connections("ep-1") == 5
