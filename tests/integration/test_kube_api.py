@@ -84,3 +84,11 @@ async def test_watch_from_a_compacted_version_is_gone(api: KubeAPI, standin: Kub
         async for _ in api.watch("secrets", k8s_objects.SELECTOR, version, timeout=30):
             pass
     await api.delete("secrets", "pgwake-c-watched-admin")
+
+
+async def test_a_throttled_watch_raises_the_status(api: KubeAPI, standin: KubeStandin) -> None:
+    standin.fail_next = [429]
+    with pytest.raises(KubeError) as failed:
+        async for _ in api.watch("secrets", k8s_objects.SELECTOR, "0", timeout=30):
+            pass
+    assert failed.value.status == 429
