@@ -76,13 +76,14 @@ class KubeStandin:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.validate = True
+        self.fail_next: list[int] = []
 
     # -- serving ----------------------------------------------------------------------
 
     async def start(self) -> None:
         (self.root / "pvcs").mkdir(parents=True, exist_ok=True)
         (self.root / "pods").mkdir(parents=True, exist_ok=True)
-        app = web.Application()
+        app = web.Application(middlewares=[self._injected_failures])
         base = "/api/v1/namespaces/{namespace}/{resource}"
         app.router.add_get(base, self._list_or_watch)
         app.router.add_post(base, self._create)
@@ -96,6 +97,20 @@ class KubeStandin:
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    @web.middleware
+    async def _injected_failures(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Test hook: answer the next requests with the statuses in `fail_next`, as an
+        overloaded API server does (429 with Retry-After, 503)."""
+        if self.fail_next:
+            code = self.fail_next.pop(0)
+            self._count("failed", str(code))
+            response = _status(code, "TooManyRequests" if code == 429 else "ServiceUnavailable",
+                               "injected by the test")
+            response.headers["Retry-After"] = "0"
+            return response
+        result: web.StreamResponse = await handler(request)
+        return result
 
     @property
     def url(self) -> str:

@@ -191,7 +191,10 @@ class KubeAPI:
         try:
             if resp.status != 200:
                 body = await resp.content.read(MAX_BODY)
-                _decode(resp.status, body, resp.headers.get("Retry-After"))
+                try:
+                    _decode(resp.status, body, resp.headers.get("Retry-After"))
+                except _Retryable as exc:
+                    raise exc.error from None  # the reflector's backoff retries watches
             while True:
                 line = await resp.content.readline()
                 if not line:

@@ -101,7 +101,7 @@ class Reflector:
                 log.info("watch on %s expired (410); listing again", self.resource)
                 need_list = True
                 failures += 1
-            except (KubeError, OSError, TimeoutError, ValueError) as exc:
+            except (KubeError, OSError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("watch on %s failed: %s", self.resource, exc)
                 need_list = True
                 failures += 1
