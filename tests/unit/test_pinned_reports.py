@@ -41,8 +41,9 @@ async def test_fresh_reports_are_summed_and_expire() -> None:
 async def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
     clock = Clock()
     cp = plane(clock)
-    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={})
-    await cp.record_activity("quiet", {"ep-2": 4}, ttl=30, pinned={})
+    # Before the freeze every session was idle and known to be movable.
+    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={}, parkable={"ep-1": 2})
+    await cp.record_activity("quiet", {"ep-2": 4}, ttl=30, pinned={}, parkable={"ep-2": 4})
     frozen = clock.now + 1
     clock.now = frozen + 0.5
     # "a" had sessions on ep-1 and has not spoken since the freeze: unknown, so 1.
@@ -50,7 +51,8 @@ async def test_a_report_older_than_the_freeze_counts_until_renewed() -> None:
     assert cp.reported_unmovable("ep-2", since=frozen) == 1  # "quiet" has sessions there
     # No proxy has a session on ep-3: nothing to wait for.
     assert cp.reported_unmovable("ep-3", since=frozen) == 0
-    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={"ep-1": 0})
+    await cp.record_activity("a", {"ep-1": 2}, ttl=30, pinned={"ep-1": 0},
+                             parkable={"ep-1": 2})
     assert cp.reported_unmovable("ep-1", since=frozen) == 0
 
 
