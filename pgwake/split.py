@@ -104,7 +104,9 @@ async def run_proxy(settings: ProxyRunSettings) -> None:
         await proxy.start(bind_listener(p.listen_host, p.listen_port, "--listen", p.backlog))
         metrics_server = None
         if settings.metrics is not None:
-            metrics_server = await serve_metrics(registry, *settings.metrics)
+            metrics_server = await serve_metrics(
+                registry, *settings.metrics, ready=proxy.listening.is_set
+            )
         # Parseable lines: tests and scripts binding port 0 read the ports from them.
         print(f"pgwake proxy listening on {settings.proxy.listen_host}:{proxy.port}", flush=True)
         if metrics_server is not None:

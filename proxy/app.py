@@ -221,6 +221,7 @@ class ProxyServer:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting; give live sessions `timeout` to end, then cut them."""
+        self.listening.clear()  # not ready: load balancers stop sending new clients
         await self.stop_accepting()
         timeout = self.settings.drain_timeout if timeout is None else timeout
         if self._survey_task is not None:

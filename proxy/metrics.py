@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -156,18 +156,29 @@ class _RuntimeCollector(Collector):
 
 
 async def serve_metrics(
-    registry: CollectorRegistry, host: str, port: int
+    registry: CollectorRegistry, host: str, port: int,
+    ready: Callable[[], bool] = lambda: True,
 ) -> asyncio.Server:
-    """A minimal HTTP listener for `GET /metrics` (for `pgwake proxy --metrics`)."""
+    """A minimal HTTP listener for `pgwake proxy --metrics`: `GET /metrics`, plus
+    `/healthz` (the process answers) and `/readyz` (it takes new connections: 503
+    while starting or draining), for load balancers and Kubernetes probes."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(5):
                 request = await reader.readuntil(b"\r\n\r\n")
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
+            route = path.split(b"?")[0]
+            if route == b"/metrics":
                 body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
                 status = b"200 OK"
+            elif route == b"/healthz":
+                body, ctype, status = b"ok\n", "text/plain", b"200 OK"
+            elif route == b"/readyz":
+                if ready():
+                    body, ctype, status = b"ready\n", "text/plain", b"200 OK"
+                else:
+                    body, ctype, status = b"not ready\n", "text/plain", b"503 Service Unavailable"
             else:
                 body, ctype, status = b"not found\n", "text/plain", b"404 Not Found"
             writer.write(

@@ -172,6 +172,12 @@ async def test_pgwake_proxy_serves_its_own_metrics(stack: Up) -> None:
         assert value(data, "pgwake_connect_latency_seconds_count",
                      cold_start="warm", outcome="ok", excluded="none") == 1
         assert value(data, "pgwake_connections_active") == 0
+        # Probes for load balancers and Kubernetes (deploy/ points its proxy at them).
+        base = metrics_url.rsplit("/", 1)[0]
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(base + "/healthz")).status_code == 200
+            ready = await http.get(base + "/readyz")
+            assert (ready.status_code, ready.text) == (200, "ready\n")
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 60)
