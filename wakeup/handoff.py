@@ -234,9 +234,11 @@ class GenerationHandoff:
             pinned = control.reported_unmovable(ep.id, since=frozen_at)
             if admin is not None and not admin.is_closed():
                 try:
-                    pinned += int(
+                    # The same session seen from both sides: the proxies' count covers
+                    # their clients, the compute's catches any other; the larger holds.
+                    pinned = max(pinned, int(
                         await admin.fetchval(PINNED_BACKENDS_SQL, self._admin_user, timeout=5)
-                    )
+                    ))
                 except (OSError, TimeoutError, asyncpg.PostgresError,
                         asyncpg.InterfaceError) as exc:
                     # The old generation went away (every session ended under the

@@ -373,7 +373,9 @@ async def test_drain_waits_for_a_fresh_pinned_report_from_the_proxies(rstack: Up
     assert not resize.done()
     shown = await client.get_endpoint(ep.id)
     assert (shown.state, shown.pinned, shown.connections) == ("handoff", 1, 1)
-    await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 0})
+    # Nothing pinned any more, and the session is known to be movable (parkable).
+    await client.report_activity("proxy-a", {ep.id: 1}, ttl=60, pinned={ep.id: 0},
+                                 parkable={ep.id: 1})
     resized = await resize
     assert resized.pinned_at_deadline == 0 and resized.size == "medium"
     await client.report_activity("proxy-a", {}, ttl=60, pinned={})
