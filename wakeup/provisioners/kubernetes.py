@@ -260,7 +260,10 @@ class KubernetesProvisioner:
                 conn = await admin_connect(self.admin_target(compute_id, tier), timeout)
                 try:
                     pid = _postmaster_pid(await conn.fetchval(_READ_PID_FILE))
-                    await conn.execute(f"copy (select) to program 'kill -TERM {pid}'")
+                    # No rows: nothing is written to the program's stdin, so kill
+                    # exiting at once cannot fail the COPY with a broken pipe.
+                    await conn.execute(
+                        f"copy (select where false) to program 'kill -TERM {pid}'")
                     # The postmaster rewrites its pid file when it takes the signal;
                     # there is no event to wait on, so look briefly.
                     while True:
