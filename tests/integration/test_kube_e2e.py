@@ -338,6 +338,7 @@ async def test_freeze_refuses_new_connections_and_keeps_sessions(
         await provisioner.start(compute_id, Tier.DURABLE, adopt=False)
     await provisioner.stop(compute_id)
     assert provisioner.live_postmaster(compute_id, Tier.DURABLE) is None
+    assert not await provisioner.refuse_new_connections(compute_id)  # nothing to freeze
     # The next connect wakes it again on the same claim.
     assert await psql(ep.url_no_sni, "select 'awake'") == "awake"
 

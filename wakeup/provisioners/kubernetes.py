@@ -246,15 +246,22 @@ class KubernetesProvisioner:
         `kill -TERM <postmaster pid>` as the server's OS user inside the pod. The pid
         is read from postmaster.pid and checked to be a number before it goes on
         the command line. SIGTERM to the postmaster itself is a smart shutdown (the
-        entrypoint only turns the *kubelet's* SIGTERM into a fast one). Returns once
-        postmaster.pid says "stopping"; False if the pod is not ready (nothing to
-        freeze). Once every session has ended the pod finishes (Succeeded);
-        `stop` deletes it in any case.
+        entrypoint only turns the *kubelet's* SIGTERM into a fast one). Once every
+        session has ended the pod finishes (Succeeded); `stop` deletes it in any case.
+
+        True once postmaster.pid says "stopping" (or the signal went out but that
+        was not seen within `timeout`: the shutdown is under way). False when the
+        compute was not frozen: its pod is not ready (nothing to freeze), or the
+        admin could not log in or signal (logged). A handoff goes on either way:
+        the control plane's own freeze (addresses invalidated, wakes queued behind
+        the endpoint's lock) still holds; only a proxy that missed the invalidation
+        could then open a session on the old generation, which the stop ends.
         """
         pod = self._pod(compute_id)
         if pod is None or not objects.is_ready(pod):
             return False
         tier = objects.tier_of(pod) or Tier.DURABLE
+        signalled = False
         try:
             async with asyncio.timeout(timeout):
                 conn = await admin_connect(self.admin_target(compute_id, tier), timeout)
@@ -264,6 +271,7 @@ class KubernetesProvisioner:
                     # exiting at once cannot fail the COPY with a broken pipe.
                     await conn.execute(
                         f"copy (select where false) to program 'kill -TERM {pid}'")
+                    signalled = True
                     # The postmaster rewrites its pid file when it takes the signal;
                     # there is no event to wait on, so look briefly.
                     while True:
@@ -272,9 +280,15 @@ class KubernetesProvisioner:
                         await asyncio.sleep(0.002)
                 finally:
                     conn.terminate()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise ProvisionerError(
-                f"compute {compute_id}: could not begin a smart shutdown: {exc}") from exc
+        except (OSError, TimeoutError, ProvisionerError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            if signalled:
+                log.warning("compute %s: smart shutdown signalled, not yet seen: %s",
+                            compute_id, exc)
+                return True
+            log.warning("compute %s: could not begin a smart shutdown (not frozen): %s",
+                        compute_id, exc)
+            return False
         return True
 
     def connection_budget(self, size: SizeClass) -> int:
