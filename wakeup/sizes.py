@@ -4,14 +4,16 @@ An endpoint has one size class (`small`, `medium`, `large`), chosen at create
 time and changed by a resize (a generation handoff). Every provisioner reads
 this table and nothing else:
 
-| size   | shared_buffers | max_conn | work_mem | maint_mem | cache | CPU req/lim | mem req/lim   |
-|--------|----------------|----------|----------|-----------|-------|-------------|---------------|
-| small  | 32MB           | 100      | 4MB      | 32MB      | 256MB | 250m / 1    | 256Mi / 512Mi |
-| medium | 128MB          | 200      | 8MB      | 128MB     | 1GB   | 1 / 2       | 1Gi / 2Gi     |
-| large  | 512MB          | 400      | 16MB     | 256MB     | 4GB   | 2 / 4       | 4Gi / 8Gi     |
+| size   | sh_buf | max_conn | work_mem| maint_mem | cache | CPU req/lim | mem req/lim   | ramdisk |
+|--------|--------|----------|---------|-----------|-------|-------------|---------------|---------|
+| small  | 32MB   | 100      | 4MB     | 32MB      | 256MB | 250m / 1    | 256Mi / 512Mi | 256Mi   |
+| medium | 128MB  | 200      | 8MB     | 128MB     | 1GB   | 1 / 2       | 1Gi / 2Gi     | 1Gi     |
+| large  | 512MB  | 400      | 16MB    | 256MB     | 4GB   | 2 / 4       | 4Gi / 8Gi     | 4Gi     |
 
-(max_conn = max_connections, maint_mem = maintenance_work_mem,
-cache = effective_cache_size.)
+(sh_buf = shared_buffers, max_conn = max_connections, maint_mem =
+maintenance_work_mem, cache = effective_cache_size, ramdisk = the size limit
+of the memory-backed emptyDir that holds an ephemeral compute's data
+directory on Kubernetes.)
 
 Why these numbers: shared_buffers is about a quarter of the memory request
 (PostgreSQL's usual advice), the memory limit leaves room for
@@ -19,6 +21,12 @@ Why these numbers: shared_buffers is about a quarter of the memory request
 sort at once, and `effective_cache_size` tells the planner about the page
 cache the limit allows. The warm pool holds `small` computes only unless a
 pool size is configured for another class.
+
+The ramdisk is half the memory limit: a memory-backed emptyDir's pages are
+charged to the pod's memory limit (the kubelet also caps the volume at that
+limit), so the other half stays for shared_buffers and the backends. An
+ephemeral compute that writes more than that (data plus WAL) gets "No space
+left on device" from PostgreSQL, never an OOM kill.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class SizeClass:
     cpu_limit: str
     memory_request: str
     memory_limit: str
+    ephemeral_storage: str  # Kubernetes: sizeLimit of the ephemeral tier's in-memory data volume
 
     def postgres_settings(self) -> tuple[tuple[str, str], ...]:
         """`-c name=value` pairs for the postmaster (they override postgresql.conf)."""
@@ -70,9 +79,10 @@ class SizeClass:
 SIZES: dict[str, SizeClass] = {
     size.name: size
     for size in (
-        SizeClass("small", "32MB", 100, "4MB", "32MB", "256MB", "250m", "1", "256Mi", "512Mi"),
-        SizeClass("medium", "128MB", 200, "8MB", "128MB", "1GB", "1", "2", "1Gi", "2Gi"),
-        SizeClass("large", "512MB", 400, "16MB", "256MB", "4GB", "2", "4", "4Gi", "8Gi"),
+        SizeClass("small", "32MB", 100, "4MB", "32MB", "256MB", "250m", "1", "256Mi", "512Mi",
+                  "256Mi"),
+        SizeClass("medium", "128MB", 200, "8MB", "128MB", "1GB", "1", "2", "1Gi", "2Gi", "1Gi"),
+        SizeClass("large", "512MB", 400, "16MB", "256MB", "4GB", "2", "4", "4Gi", "8Gi", "4Gi"),
     )
 }
 

@@ -43,7 +43,7 @@ async def api(standin: KubeStandin) -> AsyncIterator[KubeAPI]:
 
 
 def secret(compute_id: str) -> dict[str, object]:
-    return k8s_objects.secret_manifest(compute_id, Tier.DURABLE, "small", "pw",
+    return k8s_objects.secret_manifest(compute_id, Tier.DURABLE, "pw",
                                        k8s_objects.ComputeSpec())
 
 

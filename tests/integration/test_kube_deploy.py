@@ -16,10 +16,17 @@ from tests.helpers import run
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ["dev", "production"]
 KUBECTL = shutil.which("kubectl")
+# The overlays are rendered by `kubectl kustomize`; a machine without kubectl skips
+# those tests (and says why) rather than failing them.
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None,
+    reason="kubectl is not on PATH: deploy/ overlays are rendered with `kubectl kustomize`"
+    " (install kubectl 1.32+ to run these tests)",
+)
 
 
 async def render(overlay: str) -> list[dict[str, Any]]:
-    assert KUBECTL is not None, "kubectl (1.32+) renders the overlays: install it"
+    assert KUBECTL is not None
     code, out, err = await run(KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay))
     assert code == 0, err
     return [doc for doc in yaml.safe_load_all(out) if doc]
@@ -30,6 +37,7 @@ def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found
 
 
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 async def test_every_object_validates_strictly(overlay: str) -> None:
     objs = await render(overlay)
@@ -38,6 +46,7 @@ async def test_every_object_validates_strictly(overlay: str) -> None:
         kubernetes_validate.validate(obj, "1.33", strict=True)
 
 
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 async def test_the_deployment_keeps_its_promises(overlay: str) -> None:
     objs = await render(overlay)
@@ -90,6 +99,7 @@ async def test_the_deployment_keeps_its_promises(overlay: str) -> None:
     }
 
 
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 async def test_workloads_pass_the_restricted_pod_security_basics(overlay: str) -> None:
     for obj in await render(overlay):

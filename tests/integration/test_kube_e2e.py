@@ -1,5 +1,6 @@
 """The user story over Kubernetes, with the API stand-in: create, suspend, wake, pool, TTL,
-410, a pod killed under a session, a control plane restart that adopts its pods."""
+410, a pod killed under a session, a control plane restart that adopts its pods, size
+classes, the freeze and a resize (generation handoff)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ import pytest
 
 from pgwake.up import Up
 from tests.helpers import make_data_dir, run, running_up, up_settings
+from tests.integration.test_reattach import all_movable, parked_sessions
 from tests.kube_standin.harness import NAMESPACE, kube_settings, running_standin
 from tests.kube_standin.server import KubeStandin
-from wakeup.api import CreatedEndpoint
+from wakeup.api import ControlClient, CreatedEndpoint
 from wakeup.control import ControlPlane
 from wakeup.pool import PoolKey
 from wakeup.provisioners import k8s_objects
-from wakeup.provisioners.base import Tier
+from wakeup.provisioners.base import ProvisionerError, Tier
 from wakeup.provisioners.kubernetes import KubernetesProvisioner
+from wakeup.sizes import size_class_of
 
 PSQL = shutil.which("psql") or "psql"
 DURABLE = PoolKey(Tier.DURABLE)
@@ -78,6 +81,20 @@ async def create(up: Up) -> CreatedEndpoint:
     ep = await up.client.create_endpoint()
     assert ep.cold_start == "pool_hit"
     return ep
+
+
+def patient_client(up: Up) -> ControlClient:
+    """A control client that waits as long as an on-demand pod start may take on a
+    loaded machine (the default client gives up after 10 s)."""
+    assert up.control is not None and up.api_key_file is not None
+    return ControlClient(up.control.api_url, up.api_key_file.read_text().strip(), timeout=120)
+
+
+async def show(url: str, name: str) -> str:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (await conn.execute(f"show {name}")).fetchone()
+        assert row is not None
+        return str(row[0])
 
 
 async def compute_of(up: Up, endpoint_id: str) -> str:
@@ -192,19 +209,26 @@ async def test_watch_broken_with_410_recovers(kube_up: Up, standin: KubeStandin)
 
 
 async def test_pod_killed_under_a_session(kube_up: Up, standin: KubeStandin) -> None:
-    assert kube_up.client is not None
+    """The pod dies (OOM kill, node trouble) under an idle session: the session parks,
+    and its next message wakes a new pod on the same claim (the failed one is replaced)."""
+    assert kube_up.proxy is not None
     ep = await create(kube_up)
     await psql(ep.url, "create table t as select 7 as v")
-    compute_id = await compute_of(kube_up, ep.id)
+    name = k8s_objects.pod_name(await compute_of(kube_up, ep.id))
+    uid = standin.objects[(NAMESPACE, "pods", name)]["metadata"]["uid"]
     conn = await asyncpg_connect(kube_up, ep)
     try:
         assert await conn.fetchval("select v from t") == 7
-        await standin.kill_pod(NAMESPACE, k8s_objects.pod_name(compute_id))
-        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
-            await conn.fetchval("select v from t")
+        await all_movable(kube_up, ep, 1)
+        parked = kube_up.proxy.state.metrics.sessions_parked_total._value.get()
+        await standin.kill_pod(NAMESPACE, name)
+        # A message sent before the proxy saw the pod go would meet the dying
+        # backend (as it would without a proxy): wait for the parking.
+        await parked_sessions(kube_up, parked + 1)
+        assert await conn.fetchval("select v from t") == 7
     finally:
         conn.terminate()
-    # The next connect wakes it again: the failed pod is replaced on the same claim.
+    assert standin.objects[(NAMESPACE, "pods", name)]["metadata"]["uid"] != uid
     assert await psql(ep.url_no_sni, "select v from t") == "7"
 
 
@@ -230,10 +254,10 @@ async def test_control_plane_restart_adopts_pods_and_cleans_orphans(
         pod = standin.objects[(NAMESPACE, "pods", k8s_objects.pod_name(compute_id))]
         assert pod["metadata"]["uid"] == uid and k8s_objects.is_ready(pod)
         # A pod no control DB knows (left by a crash between create and record).
-        orphan = k8s_objects.pod_manifest("c-orphan2", Tier.EPHEMERAL, "small",
+        orphan = k8s_objects.pod_manifest("c-orphan2", Tier.EPHEMERAL, size_class_of("small"),
                                           kube_settings(standin, directory).compute)
         orphan_secret = k8s_objects.secret_manifest(
-            "c-orphan2", Tier.EPHEMERAL, "small", "pw", kube_settings(standin, directory).compute)
+            "c-orphan2", Tier.EPHEMERAL, "pw", kube_settings(standin, directory).compute)
         await _post(standin, "secrets", orphan_secret)
         await _post(standin, "pods", orphan)
 
@@ -255,6 +279,96 @@ async def test_control_plane_restart_adopts_pods_and_cleans_orphans(
             await up.stop()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_medium_endpoint_runs_a_medium_pod(kube_up: Up, standin: KubeStandin) -> None:
+    medium = size_class_of("medium")
+    async with patient_client(kube_up) as client:
+        ep = await client.create_endpoint(size="medium")
+    assert ep.cold_start == "pool_miss"  # the warm pool holds small computes only
+    compute_id = await compute_of(kube_up, ep.id)
+    pod = standin.objects[(NAMESPACE, "pods", k8s_objects.pod_name(compute_id))]
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"] == medium.kubernetes_resources()
+    assert k8s_objects.size_of(pod) == "medium"
+    # The settings reach PostgreSQL: asked through the proxy, as a client would.
+    assert await show(ep.url_no_sni, "shared_buffers") == medium.shared_buffers == "128MB"
+    assert await show(ep.url, "max_connections") == str(medium.max_connections)
+    _, provisioner = control_of(kube_up)
+    assert provisioner.connection_budget(medium) == medium.max_connections - 3
+
+
+async def test_freeze_refuses_new_connections_and_keeps_sessions(
+    kube_up: Up, standin: KubeStandin
+) -> None:
+    """refuse_new_connections is PostgreSQL's smart shutdown of the pod's postmaster; no
+    second pod starts on the claim while the first one exists in any phase."""
+    ep = await create(kube_up)
+    compute_id = await compute_of(kube_up, ep.id)
+    _, provisioner = control_of(kube_up)
+    name = k8s_objects.pod_name(compute_id)
+    ip = k8s_objects.pod_ip(standin.objects[(NAMESPACE, "pods", name)])
+    assert ip is not None
+
+    async def direct() -> asyncpg.Connection:
+        return await asyncpg.connect(host=ip, port=k8s_objects.POSTGRES_PORT, user=ep.user,
+                                     password=ep.password, database=ep.database, ssl=False)
+
+    session = await direct()
+    try:
+        assert await provisioner.refuse_new_connections(compute_id)
+        with pytest.raises(asyncpg.CannotConnectNowError):  # 57P03
+            (await direct()).terminate()
+        # The open session goes on.
+        assert await session.fetchval("select 40 + 2") == 42
+        alive = provisioner.live_postmaster(compute_id, Tier.DURABLE)
+        assert alive is not None and alive.status == "Running"
+        with pytest.raises(ProvisionerError, match="still exists"):
+            await provisioner.start(compute_id, Tier.DURABLE, adopt=False)
+    finally:
+        await session.close()
+    # The last session gone, the smart shutdown ends the postmaster: the pod finishes,
+    # and still counts as a server until it is deleted.
+    assert provisioner.pods is not None
+    pods = provisioner.pods
+    await pods.wait_for(lambda: k8s_objects.is_finished(pods.get(name) or {}), 60)
+    alive = provisioner.live_postmaster(compute_id, Tier.DURABLE)
+    assert alive is not None and (alive.pid, alive.status) == (0, "Succeeded")
+    with pytest.raises(ProvisionerError, match="still exists"):
+        await provisioner.start(compute_id, Tier.DURABLE, adopt=False)
+    await provisioner.stop(compute_id)
+    assert provisioner.live_postmaster(compute_id, Tier.DURABLE) is None
+    assert not await provisioner.refuse_new_connections(compute_id)  # nothing to freeze
+    # The next connect wakes it again on the same claim.
+    assert await psql(ep.url_no_sni, "select 'awake'") == "awake"
+
+
+async def test_resize_starts_the_next_generation_on_the_same_claim(
+    kube_up: Up, standin: KubeStandin
+) -> None:
+    assert kube_up.client is not None
+    ep = await create(kube_up)
+    compute_id = await compute_of(kube_up, ep.id)
+    name = k8s_objects.pod_name(compute_id)
+    await psql(ep.url_no_sni, "create table kept as select g as id "
+               "from generate_series(1, 100) g")
+    old = standin.objects[(NAMESPACE, "pods", name)]
+    assert k8s_objects.size_of(old) == "small"
+
+    result = await kube_up.client.resize(ep.id, "medium")
+    assert (result.previous_size, result.size) == ("small", "medium")
+
+    new = standin.objects[(NAMESPACE, "pods", name)]
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert k8s_objects.size_of(new) == "medium"
+    assert new["spec"]["containers"][0]["resources"] == (
+        size_class_of("medium").kubernetes_resources())
+    claim = new["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == k8s_objects.pvc_name(compute_id)
+    # The old generation's pod is gone for good: only one pod ever ran on the claim.
+    assert old["metadata"]["uid"] not in standin.sandboxes
+    assert await show(ep.url_no_sni, "shared_buffers") == "128MB"
+    assert await psql(ep.url, "select sum(id) from kept") == "5050"
 
 
 async def _post(standin: KubeStandin, resource: str, body: dict[str, object]) -> None:

@@ -87,8 +87,9 @@ class Provisioner(Protocol):
         storage is refused in every case."""
 
     async def refuse_new_connections(self, compute_id: str) -> bool:
-        """Freeze: open sessions go on, new connections are refused with 57P03 (true
-        when this returns)."""
+        """Freeze: open sessions go on, new connections are refused with 57P03. True
+        once that holds; False when the compute was not frozen (not running, or not
+        reachable): a handoff then relies on the control plane's own freeze."""
 
     def live_postmaster(self, compute_id: str, tier: Tier) -> RunningServer | None:
         """A server still running on the compute's storage, in any state (starting,

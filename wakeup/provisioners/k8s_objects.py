@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wakeup.provisioners.base import Tier
+from wakeup.sizes import SizeClass
 
 Manifest = dict[str, Any]
 
@@ -26,6 +27,8 @@ LABEL_APP = "app.kubernetes.io/name"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_COMPUTE = "pgwake.dev/compute"
 LABEL_TIER = "pgwake.dev/tier"
+# On pods only: the size class the pod was started with (a resize changes it, the
+# PVC and Secret stay).
 LABEL_SIZE = "pgwake.dev/size-class"
 APP = "pgwake-compute"
 PART_OF = "pgwake"
@@ -33,26 +36,6 @@ SELECTOR = f"{LABEL_APP}={APP}"
 
 # Compute ids are ours (generate_id) but still checked: they become object names.
 _COMPUTE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-
-
-@dataclass(frozen=True)
-class SizeClass:
-    """PostgreSQL settings and the pod resources that go with them."""
-
-    cpu_request: str
-    cpu_limit: str
-    memory: str  # request = limit: a compute is not overcommitted on memory
-    shared_buffers: str
-    max_connections: int
-    work_mem: str
-    ephemeral_size: str  # the emptyDir (memory) size limit for the ephemeral tier
-
-
-SIZE_CLASSES: Mapping[str, SizeClass] = {
-    "small": SizeClass("250m", "1", "512Mi", "128MB", 100, "4MB", "1Gi"),
-    "medium": SizeClass("1", "2", "2Gi", "512MB", 200, "8MB", "4Gi"),
-    "large": SizeClass("2", "4", "8Gi", "2GB", 400, "16MB", "16Gi"),
-}
 
 
 @dataclass(frozen=True)
@@ -90,23 +73,19 @@ def secret_name(compute_id: str) -> str:
     return f"pgwake-{check_compute_id(compute_id)}-admin"
 
 
-def labels(compute_id: str, tier: Tier, size_class: str, spec: ComputeSpec) -> dict[str, str]:
-    return {
+def labels(
+    compute_id: str, tier: Tier, spec: ComputeSpec, size: SizeClass | None = None
+) -> dict[str, str]:
+    found = {
         **spec.extra_labels,
         LABEL_APP: APP,
         LABEL_PART_OF: PART_OF,
         LABEL_COMPUTE: check_compute_id(compute_id),
         LABEL_TIER: tier.value,
-        LABEL_SIZE: size_class,
     }
-
-
-def size_class_of(name: str) -> SizeClass:
-    try:
-        return SIZE_CLASSES[name]
-    except KeyError:
-        known = ", ".join(SIZE_CLASSES)
-        raise ValueError(f"unknown size class {name!r} (one of {known})") from None
+    if size is not None:
+        found[LABEL_SIZE] = size.name
+    return found
 
 
 def pg_hba(spec: ComputeSpec) -> str:
@@ -119,14 +98,13 @@ def pg_hba(spec: ComputeSpec) -> str:
 
 
 def postgres_settings(size: SizeClass) -> list[tuple[str, str]]:
+    """Every compute's settings, then the size class's (wakeup/sizes.py)."""
     return [
         ("listen_addresses", "*"),
         ("port", str(POSTGRES_PORT)),
         ("unix_socket_directories", "/var/run/postgresql"),
         ("password_encryption", "scram-sha-256"),
-        ("shared_buffers", size.shared_buffers),
-        ("max_connections", str(size.max_connections)),
-        ("work_mem", size.work_mem),
+        *size.postgres_settings(),
         ("huge_pages", "off"),
         ("dynamic_shared_memory_type", "posix"),
         ("lc_messages", "C"),
@@ -193,7 +171,7 @@ def _command_args(size: SizeClass) -> list[str]:
 
 
 def secret_manifest(
-    compute_id: str, tier: Tier, size_class: str, admin_password: str, spec: ComputeSpec
+    compute_id: str, tier: Tier, admin_password: str, spec: ComputeSpec
 ) -> Manifest:
     """The compute's admin credential and its pg_hba, both mounted read-only into the pod."""
 
@@ -205,7 +183,7 @@ def secret_manifest(
         "kind": "Secret",
         "metadata": {
             "name": secret_name(compute_id),
-            "labels": labels(compute_id, tier, size_class, spec),
+            "labels": labels(compute_id, tier, spec),
         },
         "type": "Opaque",
         "immutable": True,
@@ -217,7 +195,7 @@ def password_of(secret: Mapping[str, Any]) -> str:
     return base64.b64decode(secret["data"]["password"]).decode()
 
 
-def pvc_manifest(compute_id: str, size_class: str, spec: ComputeSpec) -> Manifest:
+def pvc_manifest(compute_id: str, spec: ComputeSpec) -> Manifest:
     pvc_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": spec.volume_size}},
@@ -229,15 +207,15 @@ def pvc_manifest(compute_id: str, size_class: str, spec: ComputeSpec) -> Manifes
         "kind": "PersistentVolumeClaim",
         "metadata": {
             "name": pvc_name(compute_id),
-            "labels": labels(compute_id, Tier.DURABLE, size_class, spec),
+            "labels": labels(compute_id, Tier.DURABLE, spec),
         },
         "spec": pvc_spec,
     }
 
 
-def pod_manifest(compute_id: str, tier: Tier, size_class: str, spec: ComputeSpec) -> Manifest:
-    """One compute: postgres as a non-root user on a read-only root filesystem."""
-    size = size_class_of(size_class)
+def pod_manifest(compute_id: str, tier: Tier, size: SizeClass, spec: ComputeSpec) -> Manifest:
+    """One compute of one size class: postgres as a non-root user on a read-only root
+    filesystem, with the class's settings and resources (wakeup/sizes.py)."""
     if tier is Tier.DURABLE:
         data_volume: dict[str, Any] = {
             "name": "pgdata",
@@ -245,10 +223,10 @@ def pod_manifest(compute_id: str, tier: Tier, size_class: str, spec: ComputeSpec
         }
     else:
         # Memory-backed: no volume attach on create, gone with the pod (and
-        # counted against the pod's memory, hence the size limit).
+        # charged to the pod's memory limit, hence the size class's limit on it).
         data_volume = {
             "name": "pgdata",
-            "emptyDir": {"medium": "Memory", "sizeLimit": size.ephemeral_size},
+            "emptyDir": {"medium": "Memory", "sizeLimit": size.ephemeral_storage},
         }
     container: dict[str, Any] = {
         "name": "postgres",
@@ -270,10 +248,7 @@ def pod_manifest(compute_id: str, tier: Tier, size_class: str, spec: ComputeSpec
             "timeoutSeconds": 1,
             "failureThreshold": 1,
         },
-        "resources": {
-            "requests": {"cpu": size.cpu_request, "memory": size.memory},
-            "limits": {"cpu": size.cpu_limit, "memory": size.memory},
-        },
+        "resources": size.kubernetes_resources(),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -324,7 +299,7 @@ def pod_manifest(compute_id: str, tier: Tier, size_class: str, spec: ComputeSpec
         "kind": "Pod",
         "metadata": {
             "name": pod_name(compute_id),
-            "labels": labels(compute_id, tier, size_class, spec),
+            "labels": labels(compute_id, tier, spec, size),
         },
         "spec": pod_spec,
     }
@@ -352,6 +327,19 @@ def is_terminating(pod: Mapping[str, Any]) -> bool:
 
 def is_finished(pod: Mapping[str, Any]) -> bool:
     return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def phase_of(pod: Mapping[str, Any]) -> str:
+    """The pod's phase, or "terminating" once it is being deleted (any phase)."""
+    if is_terminating(pod):
+        return "terminating"
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def size_of(pod: Mapping[str, Any]) -> str | None:
+    """The size class a pod was started with (its label)."""
+    value = (pod.get("metadata", {}).get("labels") or {}).get(LABEL_SIZE)
+    return value if isinstance(value, str) else None
 
 
 def is_ready(pod: Mapping[str, Any]) -> bool:

@@ -5,16 +5,30 @@ so a wake costs one API call (the pod create) and no polling. The control
 plane logs in to a compute as `pgwake_admin` over the network with a
 password generated per compute and kept in the compute's Secret; the pod's
 pg_hba admits the admin only from the control plane's addresses.
+
+Each pod runs its endpoint's size class (wakeup/sizes.py: settings, resources,
+the ephemeral tier's ram disk) and carries it as a label; a resize (generation
+handoff) deletes the pod and creates the next one on the same PVC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 
+import asyncpg
+
+from wakeup.computeconfig import admin_connect
 from wakeup.provisioners import k8s_objects as objects
-from wakeup.provisioners.base import AdminTarget, ComputeAddress, ProvisionerError, Tier
+from wakeup.provisioners.base import (
+    AdminTarget,
+    ComputeAddress,
+    ProvisionerError,
+    Tier,
+    connection_budget,
+)
 from wakeup.provisioners.k8s_api import (
     Conflict,
     KubeAPI,
@@ -24,15 +38,26 @@ from wakeup.provisioners.k8s_api import (
 )
 from wakeup.provisioners.k8s_reflector import Reflector
 from wakeup.secrets import generate_password
+from wakeup.sizes import DEFAULT_SIZE, SizeClass, size_class_of
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PodServer:
+    """A compute's pod as a RunningServer. `pid` is 0: the postmaster's pid lives in
+    the pod's PID namespace and the API does not report it; the pod object is what
+    stands for the server (it exists until the kubelet has stopped its container)."""
+
+    name: str
+    status: str  # the pod's phase, or "terminating" once it is being deleted
+    pid: int = 0
 
 
 @dataclass(frozen=True)
 class KubernetesSettings:
     api: KubeSettings
     compute: objects.ComputeSpec = field(default_factory=objects.ComputeSpec)
-    size_class: str = "small"
     start_timeout: float = 120.0  # scheduling, a volume attach, an image pull in the worst case
     stop_timeout: float = 60.0
     list_timeout: float = 30.0
@@ -43,7 +68,6 @@ class KubernetesProvisioner:
     outlives_control_plane = True
 
     def __init__(self, settings: KubernetesSettings, api: KubeAPI | None = None):
-        objects.size_class_of(settings.size_class)
         self.settings = settings
         self.api = api
         self.pods: Reflector | None = None
@@ -81,31 +105,43 @@ class KubernetesProvisioner:
         """The admin Secret, and for the durable tier the PVC: both outlive pods."""
         api = self._api()
         password = generate_password()
-        secret = objects.secret_manifest(
-            compute_id, tier, self.settings.size_class, password, self.settings.compute
-        )
+        secret = objects.secret_manifest(compute_id, tier, password, self.settings.compute)
         try:
             await api.create("secrets", secret)
             self._passwords[compute_id] = password
             if tier is Tier.DURABLE:
-                await api.create("persistentvolumeclaims", objects.pvc_manifest(
-                    compute_id, self.settings.size_class, self.settings.compute))
+                await api.create("persistentvolumeclaims",
+                                 objects.pvc_manifest(compute_id, self.settings.compute))
         except Conflict as exc:
             raise ProvisionerError(f"compute {compute_id} already has storage") from exc
         except KubeError as exc:
             raise ProvisionerError(f"creating compute {compute_id}: {exc}") from exc
 
-    def _size_class(self, compute_id: str) -> str:
-        assert self.secrets is not None
-        secret = self.secrets.get(objects.secret_name(compute_id))
-        labels = (secret or {}).get("metadata", {}).get("labels") or {}
-        size = str(labels.get(objects.LABEL_SIZE))
-        return size if size in objects.SIZE_CLASSES else self.settings.size_class
+    async def start(
+        self, compute_id: str, tier: Tier, *, size: SizeClass | None = None,
+        adopt: bool = True,
+    ) -> ComputeAddress:
+        """Create the compute's pod with `size`'s settings and resources (default: the
+        smallest class) and return once it is ready.
 
-    async def start(self, compute_id: str, tier: Tier) -> ComputeAddress:
+        `adopt`: a ready pod of the compute is returned as is (whatever its size: a
+        wake, or a pod left by an earlier control plane); a stopping or finished one
+        is deleted first. Without it (a generation handoff) any pod of the compute,
+        ready, starting, terminating or finished, is an error: its postgres may still
+        write to the PVC, and a ReadWriteOnce claim does not stop a second pod on the
+        same node from mounting it.
+        """
         assert self.pods is not None, "prepare() first"
         name = objects.pod_name(compute_id)
         pods = self.pods
+        size = size or size_class_of(DEFAULT_SIZE)
+        if not adopt:
+            alive = self.live_postmaster(compute_id, tier)
+            if alive is not None:
+                raise ProvisionerError(
+                    f"compute {compute_id}: pod {alive.name} ({alive.status}) still exists;"
+                    " refusing to start a second one on its storage"
+                )
         deadline = self.settings.start_timeout
         try:
             async with asyncio.timeout(deadline):
@@ -118,13 +154,17 @@ class KubernetesProvisioner:
                     pod = None
                 uid = pod["metadata"]["uid"] if pod is not None else None
                 if pod is None:
-                    manifest = objects.pod_manifest(
-                        compute_id, tier, self._size_class(compute_id), self.settings.compute
-                    )
+                    manifest = objects.pod_manifest(compute_id, tier, size, self.settings.compute)
                     try:
                         uid = (await self._api().create("pods", manifest))["metadata"]["uid"]
                     except Conflict:
-                        pass  # created by an earlier attempt whose answer was lost
+                        if not adopt:
+                            # A pod the cache has not shown yet: not ours to wait on.
+                            raise ProvisionerError(
+                                f"compute {compute_id}: pod {name} already exists;"
+                                " refusing to start a second one on its storage"
+                            ) from None
+                        # Created by an earlier attempt whose answer was lost.
                 # Seen, then ready, crashed or deleted under us: all are watch events.
                 seen = False
 
@@ -175,12 +215,84 @@ class KubernetesProvisioner:
     async def stop(self, compute_id: str, *, smart: float = 0.0) -> None:
         """Delete the pod and wait until it is gone: its volume may then be used again.
 
-        The entrypoint turns the kubelet's SIGTERM into a fast shutdown; `smart` is
-        not offered on Kubernetes (the suspender only stops idle computes).
+        Always a fast shutdown: the entrypoint turns the kubelet's SIGTERM into
+        SIGINT for postgres. `smart` is not honoured here: a grace period of
+        sessions finishing would hold the pod (and the wake of anyone who connects
+        meanwhile) for up to `smart` seconds, and the suspender stops only computes
+        with no active session anyway. A handoff's smart phase comes from
+        `refuse_new_connections`, before this.
         """
         if self._pod(compute_id) is None:
             return
         await self._delete_pod(compute_id, wait=True)
+
+    def live_postmaster(self, compute_id: str, tier: Tier) -> PodServer | None:
+        """The compute's pod from the cache, in any phase (pending, running, finished,
+        terminating): while the object exists its container may still hold the PVC.
+        None once the watch has delivered its deletion."""
+        pod = self._pod(compute_id)
+        if pod is None:
+            return None
+        return PodServer(objects.pod_name(compute_id), objects.phase_of(pod))
+
+    async def refuse_new_connections(self, compute_id: str, timeout: float = 10.0) -> bool:
+        """Freeze: PostgreSQL's smart shutdown of the pod's postmaster. Open sessions go
+        on; every new connection gets 57P03 "the database system is shutting down"
+        (which proxies answer by waking again), exactly as on the local provisioner.
+
+        The API can only signal a container through `pods/exec` (a streaming
+        protocol and a broad RBAC grant), so the control plane's admin, a
+        superuser, has its own server signal itself: `COPY ... TO PROGRAM` runs
+        `kill -TERM <postmaster pid>` as the server's OS user inside the pod. The pid
+        is read from postmaster.pid and checked to be a number before it goes on
+        the command line. SIGTERM to the postmaster itself is a smart shutdown (the
+        entrypoint only turns the *kubelet's* SIGTERM into a fast one). Once every
+        session has ended the pod finishes (Succeeded); `stop` deletes it in any case.
+
+        True once postmaster.pid says "stopping" (or the signal went out but that
+        was not seen within `timeout`: the shutdown is under way). False when the
+        compute was not frozen: its pod is not ready (nothing to freeze), or the
+        admin could not log in or signal (logged). A handoff goes on either way:
+        the control plane's own freeze (addresses invalidated, wakes queued behind
+        the endpoint's lock) still holds; only a proxy that missed the invalidation
+        could then open a session on the old generation, which the stop ends.
+        """
+        pod = self._pod(compute_id)
+        if pod is None or not objects.is_ready(pod):
+            return False
+        tier = objects.tier_of(pod) or Tier.DURABLE
+        signalled = False
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await admin_connect(self.admin_target(compute_id, tier), timeout)
+                try:
+                    pid = _postmaster_pid(await conn.fetchval(_READ_PID_FILE))
+                    # No rows: nothing is written to the program's stdin, so kill
+                    # exiting at once cannot fail the COPY with a broken pipe.
+                    await conn.execute(
+                        f"copy (select where false) to program 'kill -TERM {pid}'")
+                    signalled = True
+                    # The postmaster rewrites its pid file when it takes the signal;
+                    # there is no event to wait on, so look briefly.
+                    while True:
+                        if _is_stopping(await conn.fetchval(_READ_PID_FILE)):
+                            break
+                        await asyncio.sleep(0.002)
+                finally:
+                    conn.terminate()
+        except (OSError, TimeoutError, ProvisionerError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            if signalled:
+                log.warning("compute %s: smart shutdown signalled, not yet seen: %s",
+                            compute_id, exc)
+                return True
+            log.warning("compute %s: could not begin a smart shutdown (not frozen): %s",
+                        compute_id, exc)
+            return False
+        return True
+
+    def connection_budget(self, size: SizeClass) -> int:
+        return connection_budget(dict(objects.postgres_settings(size)))
 
     async def destroy(self, compute_id: str, tier: Tier) -> None:
         await self._delete_pod(compute_id, wait=True)
@@ -250,6 +362,23 @@ class KubernetesProvisioner:
                 await reflector.stop()
         if self.api is not None:
             await self.api.close()
+
+
+_READ_PID_FILE = "select pg_read_file('postmaster.pid')"
+
+
+def _postmaster_pid(pid_file: str) -> int:
+    """The first line of postmaster.pid: the postmaster's pid."""
+    first = pid_file.split("\n", 1)[0].strip()
+    if not re.fullmatch(r"[1-9][0-9]{0,9}", first):
+        raise ProvisionerError(f"postmaster.pid starts with {first[:20]!r}, not a pid")
+    return int(first)
+
+
+def _is_stopping(pid_file: str) -> bool:
+    """Line 8 of postmaster.pid is the postmaster's status (PostgreSQL 10 and later)."""
+    lines = pid_file.split("\n")
+    return len(lines) > 7 and lines[7].strip() == "stopping"
 
 
 def _failure_reason(pod: dict[str, object] | None) -> str:
