@@ -197,6 +197,13 @@ def create_app(
     async def resize(endpoint_id: str, body: ResizeEndpoint) -> Resize:
         """Generation handoff to another size class; answers once the new one serves."""
         size = checked_size(body.size)
+        ep = await control.get(checked_id(endpoint_id))
+        if ep.tier == Tier.EPHEMERAL and not control.provisioner.ephemeral_survives_stop:
+            raise APIProblem(
+                409, "ephemeral_not_resizable",
+                f"endpoint {endpoint_id} is ephemeral: its data lives in its compute's"
+                " memory and would not survive the move to a new generation here",
+            )
         result = await control.resize(
             checked_id(endpoint_id), size, drain_timeout=body.drain_seconds
         )

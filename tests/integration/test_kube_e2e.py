@@ -19,7 +19,7 @@ from tests.helpers import make_data_dir, run, running_up, up_settings
 from tests.integration.test_reattach import all_movable, parked_sessions
 from tests.kube_standin.harness import NAMESPACE, kube_settings, running_standin
 from tests.kube_standin.server import KubeStandin
-from wakeup.api import ControlClient, CreatedEndpoint
+from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
 from wakeup.control import ControlPlane
 from wakeup.pool import PoolKey
 from wakeup.provisioners import k8s_objects
@@ -179,6 +179,11 @@ async def test_ephemeral_runs_in_memory_and_expires(kube_up: Up, standin: KubeSt
     assert (NAMESPACE, "persistentvolumeclaims", k8s_objects.pvc_name(compute_id)) not in (
         standin.objects
     )
+    assert await psql(ep.url_no_sni, "select 41 + 1") == "42"
+    # Its data is in the pod's memory: a resize (a new pod) would start it empty.
+    with pytest.raises(ControlAPIError) as refused:
+        await kube_up.client.resize(ep.id, "medium")
+    assert (refused.value.status, refused.value.code) == (409, "ephemeral_not_resizable")
     assert await psql(ep.url_no_sni, "select 41 + 1") == "42"
     sandbox_dir = standin.sandboxes[pod["metadata"]["uid"]].dir
     # The janitor deletes it after the TTL: pod and secret gone, its emptyDir too.

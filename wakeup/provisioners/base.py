@@ -70,6 +70,10 @@ class Provisioner(Protocol):
     # True when computes keep running while the control plane restarts (pods): a
     # clean shutdown of the control plane then leaves them up for the next one.
     outlives_control_plane: bool
+    # True when an ephemeral compute's storage survives a stop (a local memory-backed
+    # directory does; a pod's memory volume goes with the pod): a resize must not
+    # start the next generation on empty storage.
+    ephemeral_survives_stop: bool
 
     async def prepare(self) -> None:
         """Find binaries, build templates; called once before anything else."""

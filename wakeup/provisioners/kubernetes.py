@@ -66,6 +66,7 @@ class KubernetesSettings:
 class KubernetesProvisioner:
     # Pods keep running while the control plane restarts; the next one adopts them.
     outlives_control_plane = True
+    ephemeral_survives_stop = False  # the emptyDir goes with the pod
 
     def __init__(self, settings: KubernetesSettings, api: KubeAPI | None = None):
         self.settings = settings

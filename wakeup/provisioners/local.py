@@ -78,6 +78,7 @@ class LocalSettings:
 
 class LocalProvisioner:
     outlives_control_plane = False
+    ephemeral_survives_stop = True  # the memory-backed directory stays until delete
 
     def __init__(self, settings: LocalSettings):
         self.settings = settings
