@@ -11,6 +11,7 @@ import uvloop
 
 from pgwake.up import Up
 from tests.helpers import make_data_dir, running_up
+from tests.servers import RedisServer, free_port
 from wakeup.provisioners.pgbin import embedded_bindir
 
 
@@ -38,3 +39,12 @@ async def stack(pg_bin: Path) -> AsyncIterator[Up]:
     """One `pgwake up` for the session (tests create their own endpoints in it)."""
     async with running_up("pgwake-stack-", pg_bin) as up:
         yield up
+
+
+@pytest.fixture(scope="module")
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real redis-server for the module's tests, without persistence."""
+    server = RedisServer(free_port())
+    await server.start()
+    yield server
+    await server.stop()

@@ -11,7 +11,6 @@ import pytest
 
 from pgwake.up import Up
 from tests.integration.test_shared_state import (  # noqa: F401 (fixtures)
-    redis_server,
     rstack,
     select_one,
     side_proxy,

@@ -4,7 +4,6 @@ cancel key still works through either proxy replica, with short and long secrets
 from __future__ import annotations
 
 import asyncio
-import resource
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -20,28 +19,18 @@ from proxy.shared import LocalShared, RedisShared
 from tests.helpers import running_up
 from tests.integration.test_shared_state import (
     DEADLINE,
-    RedisServer,
     Relay,
-    free_port,
     start_proxy_process,
     stop_process,
 )
+from tests.servers import RedisServer, raise_open_file_limit
 from wakeup.api import ComputeAddress, CreatedEndpoint
-
-
-@pytest.fixture(scope="module")
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture(scope="module")
 async def replicas(pg_bin: Path, redis_server: RedisServer) -> AsyncIterator[tuple[Up, int]]:
     """`pgwake up --redis` (replica A, in process) and a `pgwake proxy` process (replica B)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     async with running_up("pgwake-pid-", pg_bin, redis_url=redis_server.url) as up:
         proc, port = await start_proxy_process(up, redis_server.url)
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import secrets
 import struct
 from collections.abc import AsyncIterator
@@ -19,24 +18,19 @@ import redis.asyncio as aioredis
 from pgwake.up import Up
 from proxy.shared import CANCEL_POOL_SIZE, RedisShared
 from tests.helpers import running_up
-from tests.integration.test_shared_state import DEADLINE, RedisServer, free_port, select_one
+from tests.integration.test_shared_state import (
+    DEADLINE,
+    select_one,
+)
+from tests.servers import RedisServer, raise_open_file_limit
 
 FLOOD = 5000
 CANCEL_CODE = 80877102
 
 
 @pytest.fixture(scope="module")
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="module")
 async def rstack(pg_bin: Path, redis_server: RedisServer) -> AsyncIterator[Up]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     base = 40000 + (os.getpid() % 200) * 50
     async with running_up(
         "pgwake-flood-", pg_bin, redis_url=redis_server.url, port_range=(base, base + 49)

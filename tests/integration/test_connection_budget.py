@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,11 +17,10 @@ from pgwake.up import Up
 from tests.helpers import running_up
 from tests.integration.test_shared_state import (
     DEADLINE,
-    RedisServer,
-    free_port,
     start_proxy_process,
     stop_process,
 )
+from tests.servers import RedisServer, raise_open_file_limit
 from wakeup.api import CreatedEndpoint
 
 # Computes in this module admit 20 connections, 3 of them reserved for superusers:
@@ -32,17 +30,8 @@ BUDGET = MAX_CONNECTIONS - 3
 
 
 @pytest.fixture(scope="module")
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="module")
 async def small_stack(pg_bin: Path, redis_server: RedisServer) -> AsyncIterator[Up]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     base = 50000 + (os.getpid() % 200) * 50
     async with running_up(
         "pgwake-budget-", pg_bin, redis_url=redis_server.url, port_range=(base, base + 49),

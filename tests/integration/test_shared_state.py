@@ -7,10 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
-import shutil
 import signal
-import socket
 import ssl
 import statistics
 import struct
@@ -30,6 +27,7 @@ from proxy.app import ProxyServer
 from proxy.settings import ProxySettings
 from proxy.shared import RedisShared
 from tests.helpers import running_up
+from tests.servers import RedisServer, free_port, raise_open_file_limit
 from tls.context import ServerTLS
 from wakeup.api import ControlClient, CreatedEndpoint
 from wakeup.provisioners.base import Tier
@@ -37,53 +35,10 @@ from wakeup.provisioners.base import Tier
 DEADLINE = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """A real redis-server on a free port, without persistence."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(DEADLINE):
-            while b"Ready to accept connections" not in await self.proc.stdout.readline():
-                assert self.proc.returncode is None, "redis-server exited"
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            async with asyncio.timeout(DEADLINE):
-                await self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture(scope="module")
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    yield server
-    await server.stop()
-
-
 @pytest.fixture(scope="module")
 async def rstack(pg_bin: Path, redis_server: RedisServer) -> AsyncIterator[Up]:
     """`pgwake up --redis`: control plane + proxy in process, state in Redis."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     base = 30000 + (os.getpid() % 200) * 50
     async with running_up(
         "pgwake-shared-", pg_bin, redis_url=redis_server.url, port_range=(base, base + 49)
