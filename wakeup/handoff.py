@@ -234,9 +234,11 @@ class GenerationHandoff:
             pinned = control.reported_unmovable(ep.id, since=frozen_at)
             if admin is not None and not admin.is_closed():
                 try:
-                    pinned += int(
+                    # The same sessions seen from two sides (every client backend is
+                    # some proxy's session): the larger count, not the sum.
+                    pinned = max(pinned, int(
                         await admin.fetchval(PINNED_BACKENDS_SQL, self._admin_user, timeout=5)
-                    )
+                    ))
                 except (OSError, TimeoutError, asyncpg.PostgresError,
                         asyncpg.InterfaceError) as exc:
                     # The old generation went away (every session ended under the
