@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.activity import ActivityTracker
-from proxy.attach import Credentials, RestoreFailed, restore, wait_for_client
+from proxy.attach import Credentials, RestoreFailed, lossy_listen, restore, wait_for_client
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.clientparams import is_client_only
@@ -144,6 +144,7 @@ class Session:
         self._slot: Slot | None = None  # this session's place under the endpoint's budget
         self._deadline = 0.0  # the handshake deadline (event loop time)
         self.want_timing = False
+        self.lossy_listen = False  # options=pgwake_listen=lossy (proxy/attach.py)
         self.timeline = Timeline()
         self._credentials: Credentials | None = None  # to log in again after parking
 
@@ -275,6 +276,8 @@ class Session:
             )
             timing, options_rest = extract_option(options_rest, "pgwake_timing")
             self.want_timing = timing in ("on", "true", "1")
+            listen, options_rest = extract_option(options_rest, "pgwake_listen")
+            self.lossy_listen = lossy_listen(listen)
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
         user = as_postgres_name(startup.params["user"])
@@ -637,7 +640,7 @@ class Session:
         self, splice: Splice, endpoint: str, client_pending: bytes, compute: ComputeSession
     ) -> tuple[SpliceResult, SessionSnapshot | None]:
         self.state.splices.add(splice)
-        self.state.registry.add(endpoint, splice)
+        self.state.registry.add(endpoint, splice, lossy_listen=self.lossy_listen)
         self.state.activity.attach(endpoint, splice)
         try:
             splice.start(client_pending=client_pending, compute_pending=compute.trailing)
