@@ -435,6 +435,10 @@ class Session:
         return await self.state.wake.address(endpoint, timeout=self.settings.wake_timeout)
 
     async def _await_wake(self, wake: asyncio.Task[Woken], endpoint: str, stream: Stream) -> Woken:
+        if self._credentials is not None and self._compute is None:
+            # A parked session re-attaching: its client is mid-session and sees
+            # latency only (a NOTICE would land in the middle of its output).
+            return await wake
         done, _ = await asyncio.wait({wake}, timeout=self.settings.wake_notice_after)
         if not done:
             # Slow: say "waking" only if a compute is really being started (an active
