@@ -73,9 +73,10 @@ async def compute_id_of(up: Up, endpoint_id: str) -> str:
 
 def postmasters_on(pgdata: Path) -> list[int]:
     """Live postmasters serving `pgdata`: only a postmaster keeps `-D <pgdata>` in its
-    command line (its children rewrite theirs to `postgres: …`)."""
+    command line (its children rewrite theirs to `postgres: …`, but a child caught
+    between its fork and that rewrite still shows its parent's: it is no postmaster)."""
     wanted = str(pgdata).encode()
-    found = []
+    found: dict[int, int] = {}  # pid → parent pid
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -83,14 +84,14 @@ def postmasters_on(pgdata: Path) -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
             with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
         except OSError:
             continue
         if state == b"Z":
             continue  # exited, not yet reaped: it holds no data directory
         if b"-D" in argv and wanted in argv:
-            found.append(int(entry))
-    return found
+            found[int(entry)] = int(ppid)
+    return [pid for pid, ppid in found.items() if ppid not in found]
 
 
 class PostmasterWatch:
