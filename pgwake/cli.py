@@ -313,14 +313,15 @@ def status(
     watch: Annotated[float | None, typer.Option("--watch", help="Refresh every N seconds until Ctrl-C")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Endpoints (state, generation, connections, last activity, address) and the warm pool."""
+    """Endpoints (state, generation, sessions attached/parked/pinned, last activity,
+    address) and the warm pool."""
 
     async def snapshot(client: ControlClient) -> tuple[list[Endpoint], Pool]:
         return await client.list_endpoints(), await client.pool()
 
     if as_json:
         endpoints, pool = _call(data_dir, snapshot)
-        _print_json({"endpoints": [e.model_dump(mode="json") for e in endpoints],
+        _print_json({"endpoints": [_endpoint_status(e) for e in endpoints],
                      "pool": pool.model_dump(mode="json")})
         return
     if watch is None:
@@ -347,13 +348,22 @@ def status(
         raise typer.Exit(1) from None
 
 
+def _endpoint_status(e: Endpoint) -> dict[str, object]:
+    """An endpoint as `status --json` shows it: with its client sessions by state, as
+    the proxies last reported them. `attached` have a backend (`pinned` ones among
+    them cannot move off it); `parked` are held at a proxy without one."""
+    shown = e.model_dump(mode="json")
+    shown["sessions"] = {"attached": e.connections, "parked": e.parked, "pinned": e.pinned}
+    return shown
+
+
 def _status_view(endpoints: list[Endpoint], pool: Pool) -> Group:
-    table = Table("id", "name", "tier", "size", "state", "gen", "wakes", "conns", "pinned",
-                  "last active", "compute", title="endpoints")
+    table = Table("id", "name", "tier", "size", "state", "gen", "wakes", "attached",
+                  "parked", "pinned", "last active", "compute", title="endpoints")
     for e in endpoints:
         table.add_row(e.id, e.name, e.tier, e.size, e.state, str(e.generation), str(e.wakes),
-                      str(e.connections), str(e.pinned), e.last_active.strftime("%H:%M:%S"),
-                      e.address or "-")
+                      str(e.connections), str(e.parked), str(e.pinned),
+                      e.last_active.strftime("%H:%M:%S"), e.address or "-")
     pool_table = Table("tier", "size", "ready", "target", title="warm pool")
     for c in pool.classes:
         pool_table.add_row(c.tier, c.size_class, str(c.ready), str(c.target))

@@ -12,6 +12,7 @@ one per connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -59,6 +60,9 @@ class ActivityTracker:
         self._last: dict[str, float] = {}
         self._started: dict[str, int] = {}
         self._live: dict[Spliced, str] = {}
+        # Set when the control plane should hear from this proxy now, not at the
+        # next period (an endpoint entered a handoff and its sessions were asked).
+        self.report_now = asyncio.Event()
 
     def session_started(self, endpoint_id: str) -> None:
         self._last[endpoint_id] = self.wall()
@@ -102,6 +106,7 @@ async def report_activity(
     interval: float,
     invalidated: Callable[[str, float], None] = lambda endpoint_id, ago: None,
     sessions: Callable[[], Mapping[str, SessionCounts]] | None = None,
+    resizing: Callable[[frozenset[str]], None] = lambda endpoints: None,
 ) -> None:
     """Every `interval`: live sessions per endpoint, latest activity, sessions started.
     The answer names addresses that became invalid (suspends): `invalidated(endpoint,
@@ -110,12 +115,18 @@ async def report_activity(
     the answer is how suspends reach this proxy). With `sessions` (a proxy that
     parks), the report also says which sessions are pinned, parked and parkable:
     the janitor suspends under parkable sessions, a handoff waits for pinned ones.
+    `tracker.report_now` sends the next report at once; `resizing(endpoints)` hears
+    which endpoints are in a handoff, from each answer.
     """
     proxy_id = f"{socket.gethostname()}:{os.getpid()}:{id(tracker):x}"
     pending = ActivitySnapshot({}, {})
     failing = False
     while True:
-        await asyncio.sleep(interval)  # the report's period, by design
+        # The report's period, by design, unless something asks for a report now.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await tracker.report_now.wait()
+        tracker.report_now.clear()
         live = counts()
         snap = _merge(pending, tracker.snapshot())
         states = sessions() if sessions is not None else None
@@ -127,6 +138,9 @@ async def report_activity(
                     ep: c.pinned for ep, c in states.items() if c.pinned},
                 parked={ep: c.parked for ep, c in (states or {}).items() if c.parked},
                 parkable={ep: c.parkable for ep, c in (states or {}).items() if c.parkable},
+                unmovable=None if states is None else {
+                    ep: c.attached - c.parkable for ep, c in states.items()
+                    if c.attached > c.parkable},
             )
             pending = ActivitySnapshot({}, {})
             if failing:
@@ -134,6 +148,7 @@ async def report_activity(
             failing = False
             for endpoint_id, ago in answer.invalidated.items():
                 invalidated(endpoint_id, ago)
+            resizing(frozenset(answer.resizing))
         except ControlAPIError as exc:
             # Keep what was not delivered for the next report (bounded by the endpoints).
             pending = snap

@@ -22,7 +22,7 @@ from proxy.rolecache import RoleCache
 from proxy.session import ProxyState, Session, mock_key_from
 from proxy.sessionstate import SessionCounts, SessionRegistry
 from proxy.settings import ProxySettings
-from proxy.shared import LocalShared, open_shared
+from proxy.shared import LocalShared, RedisShared, open_shared
 from proxy.splice import SHUTDOWN_ERROR, SessionEnding
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
@@ -77,6 +77,11 @@ class ProxyServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._activity_task: asyncio.Task[None] | None = None
         self._survey_task: asyncio.Task[None] | None = None
+        self._asking: set[asyncio.Task[None]] = set()  # surveys after an invalidation
+        if isinstance(self.shared, RedisShared):
+            self.shared.local.on_forget.append(self._address_forgotten)
+        elif isinstance(self.shared, LocalShared):
+            self.shared.on_forget.append(self._address_forgotten)
         self.listening = asyncio.Event()
         self.state.metrics.watch(self)
 
@@ -122,6 +127,29 @@ class ProxyServer:
     async def address_invalid(self, endpoint_id: str) -> None:
         """Suspended or deleted: the next connect wakes instead of trying a dead port."""
         await self.state.wake.invalidate(endpoint_id)
+
+    def _address_forgotten(self, endpoint_id: str) -> None:
+        """The endpoint's address was invalidated: its compute may be about to go
+        (a suspend, a resize's freeze). Learn at once what its idle sessions hold,
+        rather than after `survey_after`, and tell the control plane now, so that a
+        handoff's drain need not wait for them and they park when the compute stops."""
+        if not self.settings.park_sessions or self.state.ending is not None:
+            return
+        if not self.state.registry.sessions(endpoint_id):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._ask_and_report(endpoint_id), name=f"proxy-survey:{endpoint_id}"
+        )
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    async def _ask_and_report(self, endpoint_id: str) -> None:
+        try:
+            await self.state.registry.survey(
+                endpoint_id, timeout=self.settings.survey_timeout, stale_only=True
+            )
+        finally:
+            self.state.activity.report_now.set()
 
     def compute_full_retries(self) -> int:
         return self.state.guards.compute_full_total
@@ -175,6 +203,7 @@ class ProxyServer:
                 self.control, self.state.guards.counts, self.state.activity,
                 s.activity_interval, self._invalidated_by_report,
                 self.session_counts if s.park_sessions else None,
+                self.state.registry.set_resizing,
             ),
             name="proxy-activity",
         )
@@ -226,6 +255,8 @@ class ProxyServer:
         timeout = self.settings.drain_timeout if timeout is None else timeout
         if self._survey_task is not None:
             self._survey_task.cancel()  # no more probes on sessions being ended
+        for task in list(self._asking):
+            task.cancel()
         sessions = set(self.state.sessions)
         if sessions:
             log.info("draining %d sessions (up to %.0f s)", len(sessions), timeout)

@@ -16,8 +16,27 @@ from dataclasses import dataclass
 from proxy.compute import ComputeSession
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader, frame
+from proxy.pgwire.errors import ProtocolViolation
 from proxy.sessionstate import SessionSnapshot
 from proxy.stream import PeerClosed, Stream
+
+# `options=pgwake_listen=<policy>`: may a session that LISTENs move to a new backend?
+LISTEN_POLICIES = {"pinned": False, "lossy": True}
+
+
+def lossy_listen(value: str | None) -> bool:
+    """The client's LISTEN policy: `pinned` (the default) keeps a LISTEN session on its
+    backend; `lossy` lets it move, re-issuing LISTEN there, and accepts that
+    notifications sent while it had no backend are lost."""
+    if value is None:
+        return False
+    if value not in LISTEN_POLICIES:
+        raise ProtocolViolation(
+            f'invalid value for pgwake_listen: "{value}" (expected pinned or lossy)',
+            sqlstate="22023",
+        )
+    return LISTEN_POLICIES[value]
+
 
 _SET_CONFIG = "select pg_catalog.set_config($1, $2, false)"
 
@@ -60,7 +79,7 @@ def restore_messages(snapshot: SessionSnapshot) -> bytes:
     """One extended-protocol batch ending in one Sync: the settings through
     set_config (values as parameters, so no quoting), SQL PREPAREs re-run as
     written, protocol-level statements re-parsed with the types the compute had
-    resolved."""
+    resolved, and LISTEN re-issued for each channel of a session that allows it."""
     batch = b""
     if snapshot.settings:
         batch += _parse("", _SET_CONFIG)
@@ -71,7 +90,15 @@ def restore_messages(snapshot: SessionSnapshot) -> bytes:
             batch += _parse("", statement.statement) + _bind_text([]) + _EXECUTE
         else:
             batch += _parse(statement.name, statement.statement, statement.parameter_types)
+    for channel in snapshot.listening:
+        batch += _parse("", f"LISTEN {quote_identifier(channel)}") + _bind_text([]) + _EXECUTE
     return batch + _SYNC if batch else b""
+
+
+def quote_identifier(name: str) -> str:
+    """As PostgreSQL's quote_ident always quotes: the name exactly as the compute gave it."""
+    return '"' + name.replace('"', '""') + '"'
+
 
 
 async def restore(compute: ComputeSession, snapshot: SessionSnapshot) -> None:

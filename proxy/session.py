@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.activity import ActivityTracker
-from proxy.attach import Credentials, RestoreFailed, restore, wait_for_client
+from proxy.attach import Credentials, RestoreFailed, lossy_listen, restore, wait_for_client
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
 from proxy.cancel import CancelMap, CancelTarget, send_cancel
 from proxy.clientparams import is_client_only
@@ -144,6 +144,7 @@ class Session:
         self._slot: Slot | None = None  # this session's place under the endpoint's budget
         self._deadline = 0.0  # the handshake deadline (event loop time)
         self.want_timing = False
+        self.lossy_listen = False  # options=pgwake_listen=lossy (proxy/attach.py)
         self.timeline = Timeline()
         self._credentials: Credentials | None = None  # to log in again after parking
 
@@ -275,6 +276,8 @@ class Session:
             )
             timing, options_rest = extract_option(options_rest, "pgwake_timing")
             self.want_timing = timing in ("on", "true", "1")
+            listen, options_rest = extract_option(options_rest, "pgwake_listen")
+            self.lossy_listen = lossy_listen(listen)
         except ProtocolViolation as exc:
             raise ClientError(Kind.ROUTING, exc.message, sqlstate=exc.sqlstate) from None
         user = as_postgres_name(startup.params["user"])
@@ -432,6 +435,10 @@ class Session:
         return await self.state.wake.address(endpoint, timeout=self.settings.wake_timeout)
 
     async def _await_wake(self, wake: asyncio.Task[Woken], endpoint: str, stream: Stream) -> Woken:
+        if self._credentials is not None and self._compute is None:
+            # A parked session re-attaching: its client is mid-session and sees
+            # latency only (a NOTICE would land in the middle of its output).
+            return await wake
         done, _ = await asyncio.wait({wake}, timeout=self.settings.wake_notice_after)
         if not done:
             # Slow: say "waking" only if a compute is really being started (an active
@@ -637,7 +644,7 @@ class Session:
         self, splice: Splice, endpoint: str, client_pending: bytes, compute: ComputeSession
     ) -> tuple[SpliceResult, SessionSnapshot | None]:
         self.state.splices.add(splice)
-        self.state.registry.add(endpoint, splice)
+        self.state.registry.add(endpoint, splice, lossy_listen=self.lossy_listen)
         self.state.activity.attach(endpoint, splice)
         try:
             splice.start(client_pending=client_pending, compute_pending=compute.trailing)

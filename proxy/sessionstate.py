@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.endnotice import resize_error
 from proxy.pgwire import messages
 from proxy.pgwire.codec import frame
 from proxy.pgwire.errors import ProtocolViolation
@@ -35,7 +37,8 @@ PROBE_SQL = (
     " select name, pg_catalog.current_setting(name) from pg_catalog.pg_settings"
     " where source = 'session';"
     " select name, statement, from_sql, parameter_types::pg_catalog.oid[]::text"
-    " from pg_catalog.pg_prepared_statements"
+    " from pg_catalog.pg_prepared_statements;"
+    " select pg_catalog.pg_listening_channels()"
 )
 PROBE_QUERY = frame(b"Q", PROBE_SQL.encode() + b"\x00")
 _PINS = ("temp_tables", "advisory_locks", "holdable_cursors", "listen")
@@ -56,6 +59,9 @@ class SessionSnapshot:
     pins: tuple[str, ...] = ()
     settings: dict[str, str] = field(default_factory=dict)
     prepared: tuple[PreparedStatement, ...] = ()
+    # LISTEN channels: re-issued on the new backend when the session allows losing
+    # notifications in the gap (`options=pgwake_listen=lossy`); otherwise LISTEN pins.
+    listening: tuple[str, ...] = ()
 
 
 def parse_data_row(body: bytes) -> list[bytes | None]:
@@ -91,9 +97,10 @@ def parse_probe_answer(answer: list[tuple[bytes, bytes]]) -> SessionSnapshot:
             results[-1].append(parse_data_row(body))
         elif kind == b"C":
             results.append([])
-    if len(results) < 3 or len(results[0]) != 1:
+    if len(results) < 5 or len(results[0]) != 1:
         raise ProtocolViolation("unexpected answer to the session probe")
     flags, settings_rows, prepared_rows = results[0][0], results[1], results[2]
+    listening = tuple(row[0].decode() for row in results[3] if row[0] is not None)
     pins = tuple(name for name, flag in zip(_PINS, flags, strict=True) if flag == b"t")
     settings = {
         row[0].decode(): (row[1] or b"").decode() for row in settings_rows if row[0] is not None
@@ -105,7 +112,7 @@ def parse_probe_answer(answer: list[tuple[bytes, bytes]]) -> SessionSnapshot:
         prepared.append(
             PreparedStatement(name.decode(), statement.decode(), from_sql == b"t", oids)
         )
-    return SessionSnapshot(pins, settings, tuple(prepared))
+    return SessionSnapshot(pins, settings, tuple(prepared), listening)
 
 
 async def probe_session(splice: Splice, *, timeout: float) -> SessionSnapshot:
@@ -156,15 +163,39 @@ class SessionRegistry:
         # The latest snapshot of each session the compute was asked about, with the
         # client's request count then: any request since makes it stale.
         self.snapshots: dict[Splice, tuple[int, SessionSnapshot]] = {}
+        # Endpoints the control plane says are being resized (its activity answers).
+        self.resizing: frozenset[str] = frozenset()
+        self._lossy_listen: set[Splice] = set()
 
-    def add(self, endpoint: str, splice: Splice) -> None:
+    def add(self, endpoint: str, splice: Splice, *, lossy_listen: bool = False) -> None:
+        """`lossy_listen`: the client allowed its LISTEN registrations to move (and
+        notifications sent while it has no backend to be lost)."""
         self._by_endpoint.setdefault(endpoint, set()).add(splice)
+        if lossy_listen:
+            self._lossy_listen.add(splice)
+        if endpoint in self.resizing:
+            splice.shutdown_notice = self._notice_for(endpoint)
+
+    def _notice_for(self, endpoint: str) -> Callable[[Splice], bytes]:
+        return lambda splice: resize_error(endpoint, self.pin_reasons(splice))
+
+    def set_resizing(self, endpoints: frozenset[str]) -> None:
+        """The endpoints being resized now: a session of theirs that the old
+        generation's shutdown ends is told why, in the proxy's words."""
+        if endpoints == self.resizing:
+            return
+        self.resizing = endpoints
+        for endpoint, splices in self._by_endpoint.items():
+            notice = self._notice_for(endpoint) if endpoint in endpoints else None
+            for splice in splices:
+                splice.shutdown_notice = notice
 
     def discard(self, endpoint: str, splice: Splice) -> None:
         splices = self._by_endpoint.get(endpoint)
         if splices is not None:
             splices.discard(splice)
             self.snapshots.pop(splice, None)
+            self._lossy_listen.discard(splice)
             if not splices:
                 del self._by_endpoint[endpoint]
 
@@ -174,7 +205,8 @@ class SessionRegistry:
         reasons = pin_reasons(splice)
         snapshot = self.snapshot(splice)
         if snapshot is not None:
-            reasons.extend(snapshot.pins)
+            lossy = splice in self._lossy_listen
+            reasons.extend(pin for pin in snapshot.pins if not (lossy and pin == "listen"))
         return reasons
 
     def snapshot(self, splice: Splice) -> SessionSnapshot | None:
@@ -211,13 +243,15 @@ class SessionRegistry:
                     log.warning("session probe on %s failed: %s", endpoint, exc)
         return asked
 
-    async def survey(self, endpoint: str, *, timeout: float) -> dict[Splice, list[str]]:
+    async def survey(self, endpoint: str, *, timeout: float, stale_only: bool = False
+                     ) -> dict[Splice, list[str]]:
         """Ask the compute about every idle session of `endpoint` (concurrently, each
-        on its own backend) and return each session's pin reasons."""
+        on its own backend; with `stale_only`, those asked nothing since their last
+        answer are not asked again) and return each session's pin reasons."""
         splices = list(self._by_endpoint.get(endpoint, ()))
 
         async def ask(splice: Splice) -> None:
-            if not splice.idle:
+            if not splice.idle or (stale_only and self.snapshot(splice) is not None):
                 return
             try:
                 requests = splice.frontend.requests

@@ -100,6 +100,9 @@ class LocalShared:
         self._buckets: dict[str, tuple[float, float]] = {}  # tokens, last refill
         self._cancels: dict[str, tuple[float, SharedCancel]] = {}
         self._slot_freed: dict[str, asyncio.Event] = {}
+        # Told of each endpoint whose address was invalidated (however the news came:
+        # in process, by Redis, or in an activity answer).
+        self.on_forget: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         return None
@@ -154,6 +157,8 @@ class LocalShared:
         else:
             self._addresses.pop(endpoint_id, None)
             self._last_known.pop(endpoint_id, None)
+            for listener in self.on_forget:
+                listener(endpoint_id)
 
     # The wake lock: one wake per endpoint; others wait to be told it is done.
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
 
+from proxy.endnotice import replace_admin_shutdown
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader, frame
 from proxy.pgwire.errors import ProtocolViolation
@@ -147,10 +148,13 @@ class _ComputeSide(_Side):
         if self.special:
             self._special(data)
             return
-        if data[0] == 69 and self.may_park and self.splice.idle:  # b"E" while idle
-            self.held = data
-            self.special = True
-            return
+        if data[0] == 69 and self.may_park:  # b"E"
+            if self.splice.idle:
+                self.held = data
+                self.special = True
+                return
+            if self.splice.shutdown_notice is not None:
+                data = self.splice.reword_shutdown(data)
         self.bytes += len(data)
         try:
             self.feed(data)
@@ -241,6 +245,15 @@ class Splice:
         self._end_when_idle = True  # …once idle, or else at the next boundary
         self.query_running_at_end = False
         self.error_sent: str | None = None
+        # Set while the endpoint is being resized: the words for a session the
+        # compute's fast shutdown ends because it could not move (proxy.endnotice).
+        self.shutdown_notice: Callable[[Splice], bytes] | None = None
+
+    def reword_shutdown(self, chunk: bytes) -> bytes:
+        notice = self.shutdown_notice
+        if notice is None:
+            return chunk
+        return replace_admin_shutdown(chunk, lambda: notice(self))
 
     @property
     def frontend(self) -> FrontendTracker:
@@ -372,7 +385,8 @@ class Splice:
         if side.held:
             held, side.held, side.may_park = side.held, b"", False
             side.update()
-            side.data_received(held)  # the compute's own last words, for the client
+            # The compute's own last words, for the client (reworded in a resize).
+            side.data_received(self.reword_shutdown(held))
         if not self._done.done():
             self._done.set_result(closed_by)
             self.query_running_at_end = self.outstanding

@@ -184,6 +184,9 @@ class Activity(BaseModel):
     compute told it they hold nothing that cannot move): they do not keep the
     compute awake, since an idle suspend parks them and their next message
     re-attaches them.
+    `unmovable`: sessions with a backend that cannot move yet (pinned, busy, or
+    not yet asked of the compute); sessions still connecting are not among them.
+    None: the control plane counts `connections` minus `parkable` instead.
 
     `last_active` (endpoint → Unix time) is the latest session start, end or
     client traffic since the previous report; `started` counts sessions begun
@@ -197,6 +200,7 @@ class Activity(BaseModel):
     pinned: dict[str, int] | None = None
     parked: dict[str, int] = {}
     parkable: dict[str, int] = {}
+    unmovable: dict[str, int] | None = None
     last_active: dict[str, float] = {}
     started: dict[str, int] = {}
     interval: float = 0.0
@@ -207,6 +211,8 @@ class ActivityAnswer(BaseModel):
     (endpoint → seconds ago): drop cached copies older than that."""
 
     invalidated: dict[str, float] = {}
+    # Endpoints in a generation handoff (resize) now.
+    resizing: list[str] = []
 
 
 class ApiErrorBody(BaseModel):
@@ -346,11 +352,11 @@ class ControlClient:
         timeout: float | None = None, last_active: dict[str, float] | None = None,
         started: dict[str, int] | None = None, interval: float = 0.0,
         pinned: dict[str, int] | None = None, parked: dict[str, int] | None = None,
-        parkable: dict[str, int] | None = None,
+        parkable: dict[str, int] | None = None, unmovable: dict[str, int] | None = None,
     ) -> ActivityAnswer:
         body = Activity(
             proxy_id=proxy_id, connections=connections, ttl=ttl, pinned=pinned,
-            parked=parked or {}, parkable=parkable or {},
+            parked=parked or {}, parkable=parkable or {}, unmovable=unmovable,
             last_active=last_active or {}, started=started or {}, interval=interval,
         ).model_dump()
         answer = await self._call("POST", self._path("activity"), json=body, timeout=timeout)

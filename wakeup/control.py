@@ -107,10 +107,15 @@ class ControlPlane:
         self._pinned: dict[str, tuple[float, float, dict[str, int]]] = {}
         # proxy id → (expires, parked per endpoint, parkable per endpoint).
         self._movable: dict[str, tuple[float, dict[str, int], dict[str, int]]] = {}
+        # Per proxy that says so: sessions with a backend that cannot move yet.
+        self._unmovable: dict[str, tuple[float, dict[str, int]]] = {}
         self._activity_event = asyncio.Event()
         # Endpoints whose handoff has begun: no wake hands out their address, even
         # before the control DB says `handoff` (see wakeup/handoff.py, freeze).
         self.frozen: set[str] = set()
+        # Endpoints in a generation handoff, from freeze to unfreeze: proxies learn it
+        # from their activity answers and tell the sessions a resize ends why.
+        self.resizing: set[str] = set()
         # proxy id → (expires, its report interval): how late news of activity can be.
         self._report_lag: dict[str, tuple[float, float]] = {}
         # Called with an endpoint id when its address stops being valid (suspend,
@@ -461,7 +466,11 @@ class ControlPlane:
                 return HandoffResult(endpoint, endpoint.size, {}, self.clock() - started, 0)
             if endpoint.state is State.ACTIVE and endpoint.compute_id is not None:
                 handoff = GenerationHandoff(self, endpoint, size, drain)
-                return await handoff.run()
+                self.resizing.add(endpoint_id)
+                try:
+                    return await handoff.run()
+                finally:
+                    self.resizing.discard(endpoint_id)
             # Not running (suspended, or a start that failed): no session to move.
             previous = endpoint.size
             endpoint = await self.store.commit_generation(endpoint_id, size.name)
@@ -507,7 +516,7 @@ class ControlPlane:
         self, proxy_id: str, connections: dict[str, int], ttl: float,
         *, last_active: dict[str, float] | None = None, interval: float = 0.0,
         pinned: dict[str, int] | None = None, parked: dict[str, int] | None = None,
-        parkable: dict[str, int] | None = None,
+        parkable: dict[str, int] | None = None, unmovable: dict[str, int] | None = None,
     ) -> dict[str, float]:
         """Record a proxy's report; answer with the endpoints whose addresses became
         invalid since its previous one (endpoint → seconds ago)."""
@@ -531,6 +540,11 @@ class ControlPlane:
             self._pinned[proxy_id] = (expires, now, dict(pinned))
         self._movable = {k: v for k, v in self._movable.items() if v[0] > now}
         self._movable[proxy_id] = (expires, dict(parked or {}), dict(parkable or {}))
+        self._unmovable = {k: v for k, v in self._unmovable.items() if v[0] > now}
+        if unmovable is not None:
+            self._unmovable[proxy_id] = (expires, dict(unmovable))
+        else:
+            self._unmovable.pop(proxy_id, None)
         # Wake a handoff's drain that waits for pinned sessions to go.
         self._activity_event.set()
         self._activity_event = asyncio.Event()
@@ -583,7 +597,14 @@ class ControlPlane:
             connections = activity[1].get(endpoint_id, 0) if activity is not None else 0
             movable = self._movable.get(proxy_id)
             parkable = movable[2].get(endpoint_id, 0) if movable is not None else 0
-            count = max(pinned.get(endpoint_id, 0), connections - parkable)
+            said = self._unmovable.get(proxy_id)
+            if said is not None:
+                # Counted by the proxy over sessions with a backend: one still in its
+                # connect path (waiting for the frozen endpoint's wake) has nothing
+                # on the old generation to move.
+                count = max(pinned.get(endpoint_id, 0), said[1].get(endpoint_id, 0))
+            else:
+                count = max(pinned.get(endpoint_id, 0), connections - parkable)
             if received < since:
                 if connections > 0:
                     count = max(count, 1)

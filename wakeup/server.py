@@ -243,9 +243,9 @@ def create_app(
             body.proxy_id, body.connections, body.ttl,
             last_active={k: v for k, v in body.last_active.items() if ENDPOINT_ID_RE.fullmatch(k)},
             interval=body.interval, pinned=body.pinned,
-            parked=body.parked, parkable=body.parkable,
+            parked=body.parked, parkable=body.parkable, unmovable=body.unmovable,
         )
-        return ActivityAnswer(invalidated=invalidated)
+        return ActivityAnswer(invalidated=invalidated, resizing=sorted(control.resizing))
 
     @app.get(v1 + "/pool", dependencies=auth)
     async def pool() -> Pool:

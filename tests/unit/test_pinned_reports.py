@@ -62,3 +62,19 @@ async def test_proxies_that_do_not_track_pinning_are_not_waited_for() -> None:
     await cp.record_activity("old-proxy", {"ep-1": 5}, ttl=30)  # no `pinned` field at all
     assert cp.reported_unmovable("ep-1", since=clock.now + 1) == 0
     assert cp.reported_connections("ep-1") == 5
+
+
+async def test_sessions_still_connecting_are_not_waited_for() -> None:
+    """A proxy that counts its sessions with a backend (`unmovable`): one still in its
+    connect path holds a connection slot but nothing on the old generation."""
+    clock = Clock()
+    cp = plane(clock)
+    await cp.record_activity("a", {"ep-1": 3}, ttl=30, pinned={}, parkable={"ep-1": 1},
+                             unmovable={})
+    assert cp.reported_unmovable("ep-1", since=clock.now) == 0
+    await cp.record_activity("a", {"ep-1": 3}, ttl=30, pinned={"ep-1": 1},
+                             parkable={"ep-1": 1}, unmovable={"ep-1": 1})
+    assert cp.reported_unmovable("ep-1", since=clock.now) == 1
+    # Without the field, connections not known to be parkable are waited for.
+    await cp.record_activity("a", {"ep-1": 3}, ttl=30, pinned={}, parkable={"ep-1": 1})
+    assert cp.reported_unmovable("ep-1", since=clock.now) == 2

@@ -37,6 +37,7 @@ def test_a_probe_answer_becomes_a_snapshot() -> None:
         (b"T", b""), row(b"work_mem", b"7MB"), row(b"search_path", b'"$user", public'), DONE,
         (b"T", b""), row(b"p1", b"PREPARE p1(int) AS select $1", b"t", b"{23}"),
         row(b"_pg3_0", b"select $1::int", b"f", b"{21,25}"), DONE,
+        (b"T", b""), row(b"jobs"), row(b'We "quote"'), DONE,
         (b"Z", b"I"),
     ]
     snapshot = parse_probe_answer(answer)
@@ -46,6 +47,7 @@ def test_a_probe_answer_becomes_a_snapshot() -> None:
         PreparedStatement("p1", "PREPARE p1(int) AS select $1", True, (23,)),
         PreparedStatement("_pg3_0", "select $1::int", False, (21, 25)),
     )
+    assert snapshot.listening == ("jobs", 'We "quote"')
 
 
 def test_an_error_pins_the_session() -> None:

@@ -187,6 +187,10 @@ class LocalProvisioner:
             if port in taken:
                 continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                # As postgres binds its own (SO_REUSEADDR): a port whose last compute
+                # was stopped or killed keeps its connections in TIME_WAIT for a
+                # minute, which stops nobody from listening there; a listener does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((self.settings.listen or "127.0.0.1", port))
                 except OSError:
