@@ -19,11 +19,12 @@ from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
 from proxy.rolecache import RoleCache
-from proxy.session import ProxyState, Session, mock_key_from
+from proxy.session import Session, mock_key_from
 from proxy.sessionstate import SessionCounts, SessionRegistry
 from proxy.settings import ProxySettings
 from proxy.shared import LocalShared, RedisShared, open_shared
 from proxy.splice import SHUTDOWN_ERROR, SessionEnding
+from proxy.state import ProxyState
 from proxy.wake import WakeClient
 from tls.context import ServerTLS
 from tls.reload import CertificateReloader

@@ -9,6 +9,8 @@ carry such keywords, so the proxy drops them instead of passing the refusal on.
 
 from __future__ import annotations
 
+from proxy.pgwire.startup import StartupMessage
+
 # libpq's connection keywords (PostgreSQL 18, `PQconndefaults()`) that are not
 # startup parameters of the protocol: the client acts on them, the server has
 # no setting of that name. Kept: user, database, options, replication and the
@@ -30,3 +32,15 @@ CLIENT_ONLY_KEYWORDS = frozenset({
 def is_client_only(name: str) -> bool:
     """True for a libpq keyword a driver forwarded by mistake (spelled as libpq spells it)."""
     return name in CLIENT_ONLY_KEYWORDS
+
+
+def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str, str]:
+    """The startup parameters the compute sees: ours stripped, protocol options and
+    libpq's client-side keywords (which some drivers forward) dropped."""
+    params = {
+        k: v for k, v in startup.params.items() if k != "options" and not is_client_only(k)
+    }
+    params.setdefault("database", params["user"])
+    if options_rest.strip():
+        params["options"] = options_rest
+    return params

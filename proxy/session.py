@@ -9,13 +9,11 @@ import itertools
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 
-from proxy.activity import ActivityTracker
 from proxy.attach import Credentials, RestoreFailed, lossy_listen, restore, wait_for_client
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
-from proxy.cancel import CancelMap, CancelTarget, send_cancel
-from proxy.clientparams import is_client_only
+from proxy.cancel import CancelTarget, send_cancel
+from proxy.clientparams import forwarded_parameters
 from proxy.compute import (
     ComputeRejected,
     ComputeSession,
@@ -24,113 +22,39 @@ from proxy.compute import (
     login,
     open_session,
 )
-from proxy.connlog import ConnectionLog
+from proxy.connlog import SessionLog
 from proxy.errors import ClientError, Kind
-from proxy.guards import ConnectionGuards, Slot
+from proxy.guards import Slot
 from proxy.handshake import ClientHello, open_client
-from proxy.metrics import ProxyMetrics
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.pgwire.errors import ProtocolViolation
 from proxy.pgwire.startup import (
     NEWEST_SUPPORTED_MINOR,
-    StartupMessage,
     extract_endpoint_from_options,
     extract_option,
 )
 from proxy.ratelimit import (
-    FrontDoorLimits,
     auth_failure_key,
     role_failure_key,
     whole_seconds,
 )
-from proxy.rolecache import RoleCache
 from proxy.routing import (
     PasswordForm,
     parse_password_form,
     resolve_optional,
     resolve_with_password,
 )
-from proxy.sessionstate import SessionRegistry, SessionSnapshot
-from proxy.settings import ProxySettings
-from proxy.splice import SessionEnding, Splice, SpliceResult
+from proxy.sessionstate import SessionSnapshot
+from proxy.splice import Splice, SpliceResult
+from proxy.state import ProxyState
 from proxy.stream import PeerClosed, Stream
-from proxy.timing import PHASES, Timeline
-from proxy.wake import WakeClient, Woken
-from tls.context import ServerTLS
+from proxy.timing import Timeline
+from proxy.wake import Woken
 from wakeup.api import ROLE_NAME_RULE, as_postgres_name, valid_role_name
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
-
-
-@dataclass
-class ProxyState:
-    """Everything sessions share, passed in (no module-level singletons)."""
-
-    settings: ProxySettings
-    server_tls: ServerTLS | None
-    wake: WakeClient
-    roles: RoleCache
-    cancels: CancelMap
-    mock_key: bytes
-    limits: FrontDoorLimits
-    metrics: ProxyMetrics
-    connection_log: ConnectionLog
-    sessions: set[asyncio.Task[None]] = field(default_factory=set)
-    splices: set[Splice] = field(default_factory=set)
-    ending: SessionEnding | None = None  # set while the proxy drains
-    registry: SessionRegistry = field(default_factory=SessionRegistry)
-    parked: set[Stream] = field(default_factory=set)  # clients of parked sessions
-    handshakes: int = 0
-    guards: ConnectionGuards = field(default_factory=ConnectionGuards)
-    activity: ActivityTracker = field(default_factory=ActivityTracker)
-
-
-@dataclass
-class SessionLog:
-    """One structured line per client connection, written when it ends."""
-
-    session_id: int
-    client: str
-    endpoint: str | None = None
-    role: str | None = None
-    cold_start: str | None = None
-    sqlstate: str | None = None
-    outcome: str = "client_gone"
-    # Seconds: accept → ReadyForQuery, and its consecutive parts (proxy/timing.py
-    # PHASES), which add up to it.
-    ready_s: float | None = None
-    phases: dict[str, float] = field(default_factory=dict)
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-    @property
-    def client_wait_s(self) -> float:
-        """The parts paced by the client: its TLS, StartupMessage and SCRAM round trips."""
-        return sum(self.phases.get(p, 0.0) for p in ("tls", "startup", "auth"))
-
-    def as_dict(self) -> dict[str, object]:
-        values: dict[str, object] = {
-            k: v for k, v in self.__dict__.items() if k != "phases"
-        }
-        values.update({f"{phase}_s": v for phase, v in self.phases.items()})
-        for key, value in values.items():
-            if isinstance(value, float):
-                values[key] = round(value, 6)
-        return values
-
-    def as_text(self) -> str:
-        def ms(value: float | None) -> str:
-            return "-" if value is None else f"{value * 1000:.2f}"
-
-        parts = " ".join(f"{phase}_ms={ms(self.phases.get(phase))}" for phase in PHASES)
-        return (
-            f"session={self.session_id} client={self.client} endpoint={self.endpoint} "
-            f"role={self.role} outcome={self.outcome} cold_start={self.cold_start} "
-            f"ready_ms={ms(self.ready_s)} {parts} bytes_in={self.bytes_in} "
-            f"bytes_out={self.bytes_out} sqlstate={self.sqlstate or '-'}"
-        )
 
 
 class Session:
@@ -724,18 +648,6 @@ class Session:
             messages.parameter_status("pgwake.cold_start", cold_start),
             messages.notice_response(f"pgwake connect timing: {breakdown}"),
         ]
-
-
-def forwarded_parameters(startup: StartupMessage, options_rest: str) -> dict[str, str]:
-    """The startup parameters the compute sees: ours stripped, protocol options and
-    libpq's client-side keywords (which some drivers forward) dropped."""
-    params = {
-        k: v for k, v in startup.params.items() if k != "options" and not is_client_only(k)
-    }
-    params.setdefault("database", params["user"])
-    if options_rest.strip():
-        params["options"] = options_rest
-    return params
 
 
 def refuse_busy(sock: socket.socket) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.clientparams import CLIENT_ONLY_KEYWORDS, is_client_only
+from proxy.clientparams import CLIENT_ONLY_KEYWORDS, forwarded_parameters, is_client_only
 from proxy.pgwire.startup import StartupMessage
-from proxy.session import forwarded_parameters
 
 
 def _startup(**params: str) -> StartupMessage:
