@@ -138,6 +138,7 @@ class ProxyServer:
             return
         if not self.state.registry.sessions(endpoint_id):
             return
+        self.state.registry.hold(endpoint_id)
         task = asyncio.get_running_loop().create_task(
             self._ask_and_report(endpoint_id), name=f"proxy-survey:{endpoint_id}"
         )

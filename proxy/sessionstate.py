@@ -165,6 +165,7 @@ class SessionRegistry:
         self.snapshots: dict[Splice, tuple[int, SessionSnapshot]] = {}
         # Endpoints the control plane says are being resized (its activity answers).
         self.resizing: frozenset[str] = frozenset()
+        self._held: set[str] = set()  # endpoints whose sessions are held (see `hold`)
         self._lossy_listen: set[Splice] = set()
 
     def add(self, endpoint: str, splice: Splice, *, lossy_listen: bool = False) -> None:
@@ -179,9 +180,25 @@ class SessionRegistry:
     def _notice_for(self, endpoint: str) -> Callable[[Splice], bytes]:
         return lambda splice: resize_error(endpoint, self.pin_reasons(splice))
 
+    def hold(self, endpoint: str) -> None:
+        """The endpoint's compute may be about to go (its address was invalidated):
+        hold each session at its next idle point, so that it is idle and movable
+        when the compute stops, and parks. The next activity answer releases the
+        holds unless the endpoint is being resized."""
+        splices = self._by_endpoint.get(endpoint)
+        if splices:
+            self._held.add(endpoint)
+            for splice in splices:
+                splice.hold_when_idle()
+
     def set_resizing(self, endpoints: frozenset[str]) -> None:
-        """The endpoints being resized now: a session of theirs that the old
-        generation's shutdown ends is told why, in the proxy's words."""
+        """The endpoints being resized now (each activity answer says): a session of
+        theirs that the old generation's shutdown ends is told why, in the proxy's
+        words; held sessions of other endpoints carry on."""
+        for endpoint in self._held - endpoints:
+            for splice in self._by_endpoint.get(endpoint, ()):
+                splice.release_hold()
+        self._held &= endpoints
         if endpoints == self.resizing:
             return
         self.resizing = endpoints

@@ -149,18 +149,28 @@ class _ComputeSide(_Side):
             self._special(data)
             return
         if data[0] == 69 and self.may_park:  # b"E"
-            if self.splice.idle:
-                self.held = data
-                self.special = True
+            held = self._error_chunk(data)
+            if held is None:
                 return
-            if self.splice.shutdown_notice is not None:
-                data = self.splice.reword_shutdown(data)
+            data = held
         self.bytes += len(data)
         try:
             self.feed(data)
         except ProtocolViolation as exc:
             log.warning("compute stream untracked: %s", exc.message)
         self.write(data)
+
+    def _error_chunk(self, data: bytes) -> bytes | None:
+        """An ErrorResponse while the session may park: held (None) when the session
+        is idle, since a backend says FATAL just before it goes and the close shows
+        whether the session parks; else passed on, reworded during a resize."""
+        if self.splice.idle:
+            self.held = data
+            self.special = True
+            return None
+        if self.splice.shutdown_notice is not None:
+            return self.splice.reword_shutdown(data)
+        return data
 
     def _special(self, data: bytes) -> None:
         if self.capture is not None:
@@ -169,6 +179,11 @@ class _ComputeSide(_Side):
         if self.held:
             data, self.held = self.held + data, b""
             self.update()
+        elif data[0] == 69 and self.may_park:  # b"E"
+            held = self._error_chunk(data)
+            if held is None:
+                return
+            data = held
         self.bytes += len(data)
         try:
             self.feed(data)
@@ -243,6 +258,12 @@ class Splice:
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._end_error = b""  # the proxy ends the session with this ErrorResponse…
         self._end_when_idle = True  # …once idle, or else at the next boundary
+        # A compute about to go (its address was invalidated: a resize's freeze, a
+        # suspend): at the next idle point stop reading the client, so the session
+        # stays idle (and, once surveyed, movable) until the compute stops and it
+        # parks, instead of running on into the stop.
+        self._hold = False
+        self._holding = False
         self.query_running_at_end = False
         self.error_sent: str | None = None
         # Set while the endpoint is being resized: the words for a session the
@@ -326,9 +347,10 @@ class Splice:
             return
         if self._end_error:
             self.compute_progressed()  # a drain that began meanwhile
-        if not self._end_error or self._end_when_idle:
+        if (not self._end_error or self._end_when_idle) and not self._holding:
             if not self.client.is_closing():
                 self.client.resume_reading()
+        self._hold_if_idle()
 
     def end_when_idle(self, error: bytes) -> None:
         """Send `error` and close at the session's next idle point (now, if idle)."""
@@ -346,7 +368,42 @@ class Splice:
         self._compute_side.watch = self._compute_side.special = True
         self.compute_progressed()
 
+    def hold_when_idle(self) -> None:
+        """Stop forwarding the client's requests from its next idle point on (now, if
+        idle): the session is moved there when its compute stops (see `release_hold`)."""
+        self._hold = True
+        self._compute_side.watch = self._compute_side.special = True
+        self._hold_if_idle()
+
+    def release_hold(self) -> None:
+        """The compute stays after all (no handoff, or it was abandoned): carry on."""
+        if not self._hold:
+            return
+        self._hold = False
+        self._compute_side.watch = bool(self._end_error)
+        self._compute_side.update()
+        if self._holding:
+            self._holding = False
+            if not self.client.is_closing() and not self._done.done() and (
+                not self._end_error or self._end_when_idle
+            ):
+                self.client.resume_reading()
+
+    def _hold_if_idle(self) -> None:
+        if (
+            self._hold and not self._holding and not self._done.done()
+            and self._compute_side.capture is None and self.idle
+            and self.frontend.at_boundary and not self.client.is_closing()
+        ):
+            self._holding = True
+            self.client.pause_reading()
+
+    @property
+    def holding(self) -> bool:
+        return self._hold
+
     def compute_progressed(self) -> None:
+        self._hold_if_idle()
         if not self._end_error or self._done.done() or self._compute_side.capture is not None:
             return
         ready = self.idle if self._end_when_idle else self.backend.at_boundary
@@ -379,6 +436,9 @@ class Splice:
             side.held = b""
             side.update()
             self.client.set_protocol(self.park[0])
+            if self._holding:
+                self._holding = False
+                self.client.resume_reading()  # the parked session reads its client again
             self._done.set_result(closed_by)
             self.compute.close()
             return

@@ -541,3 +541,24 @@ async def test_a_handoff_cut_short_never_hands_out_the_frozen_generation(rstack:
         with pytest.raises(psycopg.OperationalError):
             await pinned.execute("select 1")
     assert await show(ep.url_no_sni, "shared_buffers") == "32MB"
+
+
+async def test_a_session_querying_through_a_resize_is_moved_not_cut(rstack: Up) -> None:
+    """A client that keeps querying while its endpoint is resized: the proxy holds the
+    session at an idle point from the freeze on, so it parks when the old generation
+    stops and its next query runs on the new one. No error, settings kept."""
+    client = _client(rstack)
+    ep = await client.create_endpoint()
+    async with await psycopg.AsyncConnection.connect(ep.url_no_sni, autocommit=True) as conn:
+        await conn.execute("set application_name = 'busy-through-resize'")
+        resize = asyncio.create_task(client.resize(ep.id, "medium"))
+        answers = []
+        while not resize.done():  # the client's own pace: a query, then the next
+            cur = await conn.execute("show shared_buffers")
+            answers.append((await cur.fetchone())[0])  # type: ignore[index]
+        await resize
+        cur = await conn.execute("show shared_buffers")
+        assert await cur.fetchone() == ("128MB",)
+        cur = await conn.execute("show application_name")
+        assert await cur.fetchone() == ("busy-through-resize",)
+    assert answers and set(answers) <= {"32MB", "128MB"}
