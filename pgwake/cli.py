@@ -84,6 +84,8 @@ InClusterOpt = Annotated[bool, typer.Option("--in-cluster", envvar="PGWAKE_IN_CL
 ComputeImageOpt = Annotated[str, typer.Option(envvar="PGWAKE_COMPUTE_IMAGE", help="Compute image (Kubernetes)")]
 AdminCidrOpt = Annotated[list[str] | None, typer.Option(envvar="PGWAKE_ADMIN_CIDR", help="Where the control plane connects from; only there may the compute admin log in (repeatable)")]
 ClientCidrOpt = Annotated[list[str] | None, typer.Option(envvar="PGWAKE_CLIENT_CIDR", help="Where proxies connect from (repeatable)")]
+DataPlaneOpt = Annotated[str, typer.Option(envvar="PGWAKE_DATA_PLANE", help="What moves bytes after login: auto (native when built, else python) | native | python")]
+DataPlaneThreadsOpt = Annotated[int, typer.Option(envvar="PGWAKE_DATA_PLANE_THREADS", help="Threads of the native data plane")]
 StorageClassOpt = Annotated[str | None, typer.Option(envvar="PGWAKE_STORAGE_CLASS", help="StorageClass of durable computes' PVCs")]
 VolumeSizeOpt = Annotated[str, typer.Option(envvar="PGWAKE_VOLUME_SIZE", help="PVC size of durable computes")]
 
@@ -116,6 +118,8 @@ def up(
     client_cidr: ClientCidrOpt = None,
     storage_class: StorageClassOpt = None,
     volume_size: VolumeSizeOpt = "10Gi",
+    data_plane: DataPlaneOpt = ProxySettings.data_plane,
+    data_plane_threads: DataPlaneThreadsOpt = ProxySettings.data_plane_threads,
 ) -> None:
     """Run the control plane, the proxy and computes (local processes or pods) in one process."""
     from pgwake.split import kubernetes_settings
@@ -151,8 +155,19 @@ def up(
         ephemeral_ttl=ephemeral_ttl,
         port_range=_port_range(port_range),
         kubernetes=kube,
+        proxy_overrides=_data_plane_overrides(data_plane, data_plane_threads),
     )
     _run(run_forever(Up(settings)))
+
+
+def _data_plane_overrides(data_plane: str, threads: int) -> tuple[tuple[str, object], ...]:
+    from proxy.dataplane import DATA_PLANES
+
+    if data_plane not in DATA_PLANES:
+        raise typer.BadParameter(f"--data-plane must be one of {', '.join(DATA_PLANES)}")
+    if threads < 1:
+        raise typer.BadParameter("--data-plane-threads must be at least 1")
+    return (("data_plane", data_plane), ("data_plane_threads", threads))
 
 
 # -- talking to the control API ---------------------------------------------------------
@@ -432,6 +447,8 @@ def proxy_command(
     tls_timeout: Annotated[float, typer.Option(help="Seconds for the client's TLS handshake")] = ProxySettings.tls_timeout,
     auth_step_timeout: Annotated[float, typer.Option(help="Seconds for each of the client's authentication messages")] = ProxySettings.auth_step_timeout,
     endpoint_queue_timeout: Annotated[float, typer.Option(help="Seconds a client waits for a session slot under --endpoint-client-cap, then 53300")] = ProxySettings.endpoint_queue_timeout,
+    data_plane: DataPlaneOpt = ProxySettings.data_plane,
+    data_plane_threads: DataPlaneThreadsOpt = ProxySettings.data_plane_threads,
 ) -> None:
     """Run only the proxy, against a control API elsewhere (state shared through --redis)."""
     from pgwake.split import proxy_run_settings, run_proxy
@@ -447,6 +464,7 @@ def proxy_command(
                 handshake_timeout=handshake_timeout, startup_timeout=startup_timeout,
                 tls_timeout=tls_timeout, auth_step_timeout=auth_step_timeout,
                 endpoint_queue_timeout=endpoint_queue_timeout,
+                **dict(_data_plane_overrides(data_plane, data_plane_threads)),  # type: ignore[arg-type]
             ),
             control_url=control_url, data_dir=data_dir, tls_cert=tls_cert, tls_key=tls_key,
             api_key=api_key,

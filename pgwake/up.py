@@ -251,6 +251,7 @@ def print_banner(up: Up) -> None:
     lines = [
         "pgwake is up.",
         f"  proxy        {s.listen[0]}:{up.proxy_port} (TLS, SNI *.{s.domain})",
+        f"  data plane   {up.proxy.data_plane.detail if up.proxy else '-'}",
         f"  control API  {up.control.api_url}",
         f"  data dir     {s.data_dir}",
         f"  API key      {up.api_key_file or 'given by --api-key / PGWAKE_API_KEY'}",

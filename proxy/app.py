@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from proxy.activity import report_activity
 from proxy.cancel import CancelMap
 from proxy.connlog import ConnectionLog
+from proxy.dataplane import open_plane
 from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
@@ -85,6 +86,11 @@ class ProxyServer:
             self.shared.on_forget.append(self._address_forgotten)
         self.listening = asyncio.Event()
         self.state.metrics.watch(self)
+        # The data path (proxy/dataplane.py): the native engine when built (or asked
+        # for), else the Python splice; `data_plane` says which, for banners and logs.
+        self.data_plane, self.state.plane = open_plane(
+            settings.data_plane, settings.data_plane_threads, server_tls
+        )
 
     # -- what /metrics reads at scrape time (proxy.metrics.RuntimeSources) --------------
 
@@ -185,6 +191,8 @@ class ProxyServer:
         sock.setblocking(False)
         raise_open_file_limit()
         self._listener = sock
+        if self.state.plane is not None:
+            self.state.plane.start()
         if self.reloader is not None and s.cert_reload_interval > 0:
             self._reload_task = asyncio.create_task(
                 self.reloader.run(s.cert_reload_interval, self._reload_stop),
@@ -214,7 +222,8 @@ class ProxyServer:
                 survey_sessions(self.state.registry, s), name="proxy-session-survey"
             )
         self.listening.set()
-        log.info("proxy listening on %s:%d", s.listen_host, self.port)
+        log.info("proxy listening on %s:%d; data plane: %s", s.listen_host, self.port,
+                 self.data_plane.detail)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -294,6 +303,9 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._activity_task
         await self.shared.close()
+        if self.state.plane is not None:
+            self.state.plane.close()
+            self.state.plane = None
         self._reload_stop.set()
         if self._reload_task is not None:
             await self._reload_task

@@ -6,8 +6,10 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.errors import ClientError, Kind
+from proxy.nativetransport import NativeTransport, detach_socket
 from proxy.pgwire.errors import ProtocolViolation
 from proxy.pgwire.startup import (
     CancelRequest,
@@ -18,6 +20,9 @@ from proxy.pgwire.startup import (
 )
 from proxy.stream import Stream
 from tls.context import ServerTLS, TLSInfo, tls_info
+
+if TYPE_CHECKING:
+    from proxy.dataplane import NativePlane
 
 TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello: PG17+ direct TLS
 ALPN_POSTGRESQL = "postgresql"
@@ -88,9 +93,14 @@ async def open_client(
     tls_timeout: float,
     startup_timeout: float,
     stream_box: list[Stream],
+    plane: NativePlane | None = None,
 ) -> ClientHello:
     """Run the startup phase. `stream_box` receives the stream as soon as it exists, so
-    the caller can send an ErrorResponse (or close it) whatever happens here."""
+    the caller can send an ErrorResponse (or close it) whatever happens here.
+
+    With the native data plane (`plane`), the engine takes the client's socket at
+    its TLS handshake (or, for an allowed plaintext client, after its startup
+    packet) and the rest of the session reads a stream over the engine."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(startup_timeout):
@@ -103,6 +113,10 @@ async def open_client(
     if first[0] == TLS_RECORD_HANDSHAKE:
         if server_tls is None:
             raise ConnectionResetError("direct TLS attempted but TLS is not configured")
+        if plane is not None:
+            peer = sock_peer(sock)
+            stream, info = await _native_tls(plane, sock.detach(), peer, stream_box, tls_timeout)
+            return await _direct_tls_alpn(stream, info, startup_timeout)
         # Our own instance: with ssl=, uvloop returns its SSL protocol wrapper, not ours.
         stream = Stream()
         transport, _ = await loop.connect_accepted_socket(
@@ -110,15 +124,7 @@ async def open_client(
         )
         stream_box.append(stream)
         info = tls_info(transport.get_extra_info("ssl_object"))
-        if info.alpn != ALPN_POSTGRESQL:
-            # PostgreSQL refuses this too: without ALPN a TLS connection could be
-            # a cross-protocol attack (another service's client pointed at us).
-            raise ClientError(
-                Kind.PROTOCOL,
-                "direct TLS connection without ALPN protocol \"postgresql\"",
-                hint="Use sslnegotiation=direct with a PostgreSQL 17 or newer client.",
-            )
-        return await _after_tls(stream, info, direct=True, timeout=startup_timeout)
+        return await _direct_tls_alpn(stream, info, startup_timeout)
 
     _, stream = await loop.connect_accepted_socket(Stream, sock)
     stream_box.append(stream)
@@ -143,6 +149,12 @@ async def open_client(
                 stream.write(b"N")
                 continue
             stream.write(b"S")
+            if plane is not None:
+                # Handed over at once: the client's first TLS bytes are read by the engine.
+                assert stream.transport is not None
+                fd = detach_socket(stream.transport)
+                stream, info = await _native_tls(plane, fd, None, stream_box, tls_timeout)
+                return await _after_tls(stream, info, direct=False, timeout=startup_timeout)
             await stream.start_tls(server_tls.context, handshake_timeout=tls_timeout)
             assert stream.transport is not None
             info = tls_info(stream.transport.get_extra_info("ssl_object"))
@@ -156,7 +168,73 @@ async def open_client(
                 "connection requires TLS: this server does not accept unencrypted connections",
                 hint="Connect with sslmode=require (or verify-full).",
             )
-        return ClientHello(stream, event, None, parser.trailing_data)
+        trailing = parser.trailing_data
+        if plane is not None:
+            trailing += stream.take_buffered()
+            assert stream.transport is not None
+            fd = detach_socket(stream.transport)
+            stream = await _native_plain(plane, fd, stream_box, startup_timeout)
+        return ClientHello(stream, event, None, trailing)
+
+
+def sock_peer(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+async def _direct_tls_alpn(stream: Stream, info: TLSInfo, timeout: float) -> ClientHello:
+    if info.alpn != ALPN_POSTGRESQL:
+        # PostgreSQL refuses this too: without ALPN a TLS connection could be
+        # a cross-protocol attack (another service's client pointed at us).
+        raise ClientError(
+            Kind.PROTOCOL,
+            "direct TLS connection without ALPN protocol \"postgresql\"",
+            hint="Use sslnegotiation=direct with a PostgreSQL 17 or newer client.",
+        )
+    return await _after_tls(stream, info, direct=True, timeout=timeout)
+
+
+def _native_stream(plane: NativePlane, fd: int, tls: bool, stream_box: list[Stream],
+                   peer: object) -> tuple[NativeTransport, Stream]:
+    conn_id = plane.engine.accept(fd, tls)
+    transport = NativeTransport(plane, conn_id, tls=tls, extra={"peername": peer})
+    stream = Stream()
+    transport.set_protocol(stream)
+    stream.connection_made(transport)
+    stream_box[:] = [stream]  # errors from here on go through the engine
+    return transport, stream
+
+
+async def _native_tls(
+    plane: NativePlane, fd: int, peer: object, stream_box: list[Stream], timeout: float
+) -> tuple[Stream, TLSInfo]:
+    """The engine's TLS handshake; the TLS facts as the Python path reports them."""
+    transport, stream = _native_stream(plane, fd, True, stream_box, peer)
+    try:
+        async with asyncio.timeout(timeout):
+            server_name, index, alpn = await transport.ready
+    except TimeoutError:
+        raise ConnectionResetError("TLS handshake timed out") from None
+    certificates = plane.certificates
+    if not 0 <= index < len(certificates):
+        raise ConnectionResetError("TLS handshake chose no known certificate")
+    info = TLSInfo(
+        server_name=server_name,
+        end_point_hash=certificates[index].cert.end_point_hash,
+        alpn=alpn,
+    )
+    return stream, info
+
+
+async def _native_plain(
+    plane: NativePlane, fd: int, stream_box: list[Stream], timeout: float
+) -> Stream:
+    transport, stream = _native_stream(plane, fd, False, stream_box, None)
+    async with asyncio.timeout(timeout):
+        await transport.ready
+    return stream
 
 
 async def _after_tls(

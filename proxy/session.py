@@ -9,6 +9,8 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 from proxy.attach import Credentials, RestoreFailed, lossy_listen, restore, wait_for_client
 from proxy.auth import authenticate_client, read_cleartext_password, verify_cleartext
@@ -26,6 +28,8 @@ from proxy.connlog import SessionLog
 from proxy.errors import ClientError, Kind
 from proxy.guards import Slot
 from proxy.handshake import ClientHello, open_client
+from proxy.nativesplice import AnySplice, NativeSplice
+from proxy.nativetransport import NativeTransport
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.pgwire.errors import ProtocolViolation
@@ -168,6 +172,7 @@ class Session:
             tls_timeout=s.tls_timeout,
             startup_timeout=s.startup_timeout,
             stream_box=self._stream_box,
+            plane=self.state.plane,
         )
         if hello.tls_done is not None:
             self.timeline.mark("tls", at=hello.tls_done)
@@ -530,7 +535,7 @@ class Session:
         client_pending = reader.take_trailing() + stream.take_buffered()
         try:
             while True:
-                splice = Splice(stream.transport, compute.transport, lost_error, park=park)
+                splice = self._new_splice(stream, compute, lost_error, park)
                 result, snapshot = await self._run_splice(
                     splice, endpoint, client_pending, compute
                 )
@@ -564,8 +569,20 @@ class Session:
             # run on. Cancel it (DESIGN step 9).
             await send_cancel(target)
 
+    def _new_splice(
+        self, stream: Stream, compute: ComputeSession, lost_error: bytes,
+        park: tuple[Stream, Callable[[Any], bool]] | None,
+    ) -> AnySplice:
+        """Step 8 on the session's data path: the native engine's when it owns the
+        client (proxy/nativesplice.py), else the Python splice."""
+        plane, client = self.state.plane, stream.transport
+        if plane is not None and isinstance(client, NativeTransport):
+            return NativeSplice(plane, client, compute.transport, lost_error, park=park)
+        assert client is not None
+        return Splice(client, compute.transport, lost_error, park=park)
+
     async def _run_splice(
-        self, splice: Splice, endpoint: str, client_pending: bytes, compute: ComputeSession
+        self, splice: AnySplice, endpoint: str, client_pending: bytes, compute: ComputeSession
     ) -> tuple[SpliceResult, SessionSnapshot | None]:
         self.state.splices.add(splice)
         self.state.registry.add(endpoint, splice, lossy_listen=self.lossy_listen)

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.endnotice import resize_error
+from proxy.nativesplice import AnySplice
 from proxy.pgwire import messages
 from proxy.pgwire.codec import frame
 from proxy.pgwire.errors import ProtocolViolation
-from proxy.splice import ProbeRefused, Splice
+from proxy.splice import ProbeRefused
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def parse_probe_answer(answer: list[tuple[bytes, bytes]]) -> SessionSnapshot:
     return SessionSnapshot(pins, settings, tuple(prepared), listening)
 
 
-async def probe_session(splice: Splice, *, timeout: float) -> SessionSnapshot:
+async def probe_session(splice: AnySplice, *, timeout: float) -> SessionSnapshot:
     """Ask the compute about an idle session, on the session's own backend."""
     return parse_probe_answer(await splice.probe(PROBE_QUERY, timeout=timeout))
 
@@ -138,7 +139,7 @@ class SessionCounts:
                 "busy": self.busy, "parkable": self.parkable}
 
 
-def pin_reasons(splice: Splice) -> list[str]:
+def pin_reasons(splice: AnySplice) -> list[str]:
     """Why this session cannot move to another backend now (empty: it can)."""
     backend, frontend = splice.backend, splice.frontend
     reasons = []
@@ -158,17 +159,17 @@ class SessionRegistry:
     reports count)."""
 
     def __init__(self) -> None:
-        self._by_endpoint: dict[str, set[Splice]] = {}
+        self._by_endpoint: dict[str, set[AnySplice]] = {}
         self._parked: dict[str, int] = {}  # sessions without a backend, per endpoint
         # The latest snapshot of each session the compute was asked about, with the
         # client's request count then: any request since makes it stale.
-        self.snapshots: dict[Splice, tuple[int, SessionSnapshot]] = {}
+        self.snapshots: dict[AnySplice, tuple[int, SessionSnapshot]] = {}
         # Endpoints the control plane says are being resized (its activity answers).
         self.resizing: frozenset[str] = frozenset()
         self._held: set[str] = set()  # endpoints whose sessions are held (see `hold`)
-        self._lossy_listen: set[Splice] = set()
+        self._lossy_listen: set[AnySplice] = set()
 
-    def add(self, endpoint: str, splice: Splice, *, lossy_listen: bool = False) -> None:
+    def add(self, endpoint: str, splice: AnySplice, *, lossy_listen: bool = False) -> None:
         """`lossy_listen`: the client allowed its LISTEN registrations to move (and
         notifications sent while it has no backend to be lost)."""
         self._by_endpoint.setdefault(endpoint, set()).add(splice)
@@ -177,7 +178,7 @@ class SessionRegistry:
         if endpoint in self.resizing:
             splice.shutdown_notice = self._notice_for(endpoint)
 
-    def _notice_for(self, endpoint: str) -> Callable[[Splice], bytes]:
+    def _notice_for(self, endpoint: str) -> Callable[[AnySplice], bytes]:
         return lambda splice: resize_error(endpoint, self.pin_reasons(splice))
 
     def hold(self, endpoint: str) -> None:
@@ -207,7 +208,7 @@ class SessionRegistry:
             for splice in splices:
                 splice.shutdown_notice = notice
 
-    def discard(self, endpoint: str, splice: Splice) -> None:
+    def discard(self, endpoint: str, splice: AnySplice) -> None:
         splices = self._by_endpoint.get(endpoint)
         if splices is not None:
             splices.discard(splice)
@@ -216,7 +217,7 @@ class SessionRegistry:
             if not splices:
                 del self._by_endpoint[endpoint]
 
-    def pin_reasons(self, splice: Splice) -> list[str]:
+    def pin_reasons(self, splice: AnySplice) -> list[str]:
         """The wire's reasons, and the compute's when it was asked (`survey`) and the
         session has asked nothing since (otherwise only the next survey can tell)."""
         reasons = pin_reasons(splice)
@@ -226,14 +227,14 @@ class SessionRegistry:
             reasons.extend(pin for pin in snapshot.pins if not (lossy and pin == "listen"))
         return reasons
 
-    def snapshot(self, splice: Splice) -> SessionSnapshot | None:
+    def snapshot(self, splice: AnySplice) -> SessionSnapshot | None:
         """The compute's word on this session, if nothing was asked of it since."""
         entry = self.snapshots.get(splice)
         if entry is None or entry[0] != splice.frontend.requests:
             return None
         return entry[1]
 
-    def movable(self, splice: Splice) -> bool:
+    def movable(self, splice: AnySplice) -> bool:
         """The compute said (and nothing was asked since) that this session holds
         nothing that cannot move, and the wire agrees: it may park."""
         return self.snapshot(splice) is not None and not self.pin_reasons(splice)
@@ -261,13 +262,13 @@ class SessionRegistry:
         return asked
 
     async def survey(self, endpoint: str, *, timeout: float, stale_only: bool = False
-                     ) -> dict[Splice, list[str]]:
+                     ) -> dict[AnySplice, list[str]]:
         """Ask the compute about every idle session of `endpoint` (concurrently, each
         on its own backend; with `stale_only`, those asked nothing since their last
         answer are not asked again) and return each session's pin reasons."""
         splices = list(self._by_endpoint.get(endpoint, ()))
 
-        async def ask(splice: Splice) -> None:
+        async def ask(splice: AnySplice) -> None:
             if not splice.idle or (stale_only and self.snapshot(splice) is not None):
                 return
             try:

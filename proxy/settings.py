@@ -72,3 +72,7 @@ class ProxySettings:
     endpoint_queue_timeout: float = 10.0
     activity_interval: float = 1.0  # report per-endpoint connection counts this often
     cancel_key_ttl: float = 24 * 3600.0
+    # What moves a session's bytes after login (proxy/dataplane.py): "auto" takes the
+    # native engine when it was built, else the Python splice; "native" insists.
+    data_plane: str = "auto"
+    data_plane_threads: int = 2  # the native engine's worker threads

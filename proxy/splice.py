@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
+from typing import Protocol
 
 from proxy.endnotice import replace_admin_shutdown
 from proxy.pgwire import messages
@@ -275,6 +276,11 @@ class Splice:
         # Set while the endpoint is being resized: the words for a session the
         # compute's fast shutdown ends because it could not move (proxy.endnotice).
         self.shutdown_notice: Callable[[Splice], bytes] | None = None
+        # The native data plane runs this splice only for a rare case (a probe, a
+        # hold, an ending, a compute's error while idle): at the next plain idle
+        # point it takes the session back (`handback` says whether it did).
+        self.handback: Callable[[], bool] | None = None
+        self.detached = False
 
     def reword_shutdown(self, chunk: bytes) -> bytes:
         notice = self.shutdown_notice
@@ -301,10 +307,14 @@ class Splice:
         """Idle outside a transaction, with nothing asked and nothing half-sent."""
         return self._compute_side.tracker.idle and not self.outstanding
 
-    def start(self, client_pending: bytes = b"", compute_pending: bytes = b"") -> None:
+    def start(self, client_pending: bytes = b"", compute_pending: bytes = b"",
+              last_activity: float | None = None) -> None:
         cs, ps = self._client_side, self._compute_side
-        # Idle time counts from the start: a short session is never surveyed.
-        cs.tracker.last_activity = monotonic()
+        # Idle time counts from the start: a short session is never surveyed. (A
+        # session the native data plane hands over keeps its client's own time.)
+        cs.tracker.last_activity = monotonic() if last_activity is None else last_activity
+        if self.handback is not None:
+            ps.watch = ps.special = True
         cs.peer, cs.other, cs.write = self.compute, ps, self.compute.write
         ps.peer, ps.other, ps.write = self.client, cs, self.client.write
         for transport in (self.client, self.compute):
@@ -321,6 +331,29 @@ class Splice:
                 self.finish("client" if transport is self.client else "compute")
             elif not transport.is_reading():
                 transport.resume_reading()
+        self.maybe_handback()
+
+    def maybe_handback(self) -> None:
+        """Give the session back to the native data plane when it is plainly idle:
+        nothing asked, nothing held, nothing special pending on either side."""
+        side = self._compute_side
+        if (
+            self.handback is None or self._done.done() or self._hold or self._end_error
+            or side.capture is not None or side.held or not self.idle
+            or not self.frontend.at_boundary or self.client.is_closing()
+            or self.compute.is_closing()
+        ):
+            return
+        self.handback()
+
+    def detach(self) -> asyncio.Transport:
+        """Stop running this session (the native data plane takes it back): nothing
+        more is read or forwarded here, and `wait` says "detached"."""
+        self.detached = True
+        self.client.pause_reading()
+        if not self._done.done():
+            self._done.set_result("detached")
+        return self.compute
 
     async def probe(self, query: bytes, *, timeout: float, max_bytes: int = 1 << 20
                     ) -> list[tuple[bytes, bytes]]:
@@ -357,6 +390,7 @@ class Splice:
             if not self.client.is_closing():
                 self.client.resume_reading()
         self._hold_if_idle()
+        self.maybe_handback()
 
     def end_when_idle(self, error: bytes) -> None:
         """Send `error` and close at the session's next idle point (now, if idle)."""
@@ -386,7 +420,7 @@ class Splice:
         if not self._hold:
             return
         self._hold = False
-        self._compute_side.watch = bool(self._end_error)
+        self._compute_side.watch = bool(self._end_error) or self.handback is not None
         self._compute_side.update()
         if self._holding:
             self._holding = False
@@ -394,6 +428,7 @@ class Splice:
                 not self._end_error or self._end_when_idle
             ):
                 self.client.resume_reading()
+        self.maybe_handback()
 
     def _hold_if_idle(self) -> None:
         if (
@@ -410,6 +445,9 @@ class Splice:
 
     def compute_progressed(self) -> None:
         self._hold_if_idle()
+        if not self._end_error and self.handback is not None:
+            self.maybe_handback()
+            return
         if not self._end_error or self._done.done() or self._compute_side.capture is not None:
             return
         ready = self.idle if self._end_when_idle else self.backend.at_boundary
@@ -420,6 +458,8 @@ class Splice:
             self.finish("proxy")
 
     def finish(self, closed_by: str) -> None:
+        if self.detached:
+            return  # the native data plane runs the session now
         capture = self._compute_side.capture
         if capture is not None and not capture.done.done():
             capture.done.set_exception(ProbeRefused("the session ended"))
@@ -475,6 +515,8 @@ class Splice:
         self.compute.close()
 
     def abort(self) -> None:
+        if self.detached:
+            return
         if not self._done.done():
             self._done.set_result("proxy")
             self.query_running_at_end = self.outstanding
@@ -499,6 +541,13 @@ class Splice:
         )
 
 
+class Endable(Protocol):
+    """A splice of either data path, as an ending sees it."""
+
+    def end_when_idle(self, error: bytes) -> None: ...
+    def end_at_boundary(self, error: bytes) -> None: ...
+
+
 @dataclass
 class SessionEnding:
     """How the proxy is ending its sessions (a drain): applied to each live splice,
@@ -507,7 +556,7 @@ class SessionEnding:
     error: bytes
     when_idle: bool = True
 
-    def apply(self, splice: Splice) -> None:
+    def apply(self, splice: Endable) -> None:
         if self.when_idle:
             splice.end_when_idle(self.error)
         else:
@@ -519,4 +568,7 @@ def _not_started(data: bytes) -> None:
 
 
 def _is_tls(transport: asyncio.Transport) -> bool:
-    return transport.get_extra_info("ssl_object") is not None
+    return bool(
+        transport.get_extra_info("ssl_object") is not None
+        or transport.get_extra_info("pgwake_tls")
+    )

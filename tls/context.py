@@ -10,7 +10,7 @@ which certificate the client saw (channel binding) and what name it asked for
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tls.certs import CertPair, LoadedCert, load_certificate
@@ -67,6 +67,8 @@ class ServerTLS:
         if not certificates:
             raise ValueError("ServerTLS needs at least one certificate")
         self._certificates: tuple[CertificateContext, ...] = tuple(certificates)
+        # Called after each `replace` (a native data plane reloads its own contexts).
+        self.on_replace: list[Callable[[], None]] = []
         self._selector = self._build_selector(self._certificates)
         # The front context holds no certificate: the SNI callback always
         # runs (with None when there is no SNI) and always switches context.
@@ -99,6 +101,8 @@ class ServerTLS:
         selector = self._build_selector(certificates)
         self._certificates = certificates
         self._selector = selector
+        for listener in self.on_replace:
+            listener()
 
     @staticmethod
     def _build_selector(

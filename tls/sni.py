@@ -46,6 +46,11 @@ class CertificateSelector(Generic[T]):
                 elif pattern and "*" not in pattern:
                     self._exact.setdefault(pattern, value)
 
+    def tables(self) -> tuple[dict[str, T], dict[str, T]]:
+        """The exact names and the wildcard suffixes (after "*."), normalised: for a
+        matcher outside Python (the native data plane) that must choose alike."""
+        return dict(self._exact), dict(self._wildcard)
+
     def select(self, server_name: str | None) -> T:
         """The certificate for ``server_name``; the default if none covers it or it is None."""
         if server_name is None:
