@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from pgwake.up import Up, UpSettings
+from proxy.settings import ProxySettings
 
 
 def make_data_dir(prefix: str = "pgwake-test-") -> Path:
@@ -33,7 +34,22 @@ def up_settings(data_dir: Path, pg_bin: Path, **overrides: object) -> UpSettings
         "port_range": (20000 + (os.getpid() % 200) * 100, 20000 + (os.getpid() % 200) * 100 + 99),
     }
     values.update(overrides)
+    proxy = dict(values.get("proxy_overrides", ()))  # type: ignore[call-overload]
+    proxy.setdefault("data_plane", data_plane())
+    values["proxy_overrides"] = tuple(proxy.items())
     return UpSettings(**values)  # type: ignore[arg-type]
+
+
+def data_plane() -> str:
+    """The data path the tests run on (`pytest --data-plane`, which also sets
+    PGWAKE_DATA_PLANE for the pgwake programs the tests start)."""
+    return os.environ.get("PGWAKE_DATA_PLANE", "auto")
+
+
+def proxy_settings(**values: object) -> ProxySettings:
+    """ProxySettings on the tests' data path."""
+    values.setdefault("data_plane", data_plane())
+    return ProxySettings(**values)  # type: ignore[arg-type]
 
 
 async def run(

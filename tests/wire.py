@@ -21,7 +21,7 @@ from proxy.app import ProxyServer
 from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.pgwire.errors import ProtocolViolation
-from proxy.settings import ProxySettings
+from tests.helpers import proxy_settings
 from tls.certs import CertPair
 from tls.context import ServerTLS
 from wakeup.service import bind_tcp
@@ -154,7 +154,7 @@ async def start_frontdoor(
     """A second proxy in front of the stack's control plane, with its own settings/certs."""
     assert stack.client is not None and stack.certs is not None
     server_tls = ServerTLS.load(list(pairs) if pairs else [stack.certs.server])
-    settings = ProxySettings(listen_port=0, domain=stack.settings.domain, **overrides)  # type: ignore[arg-type]
+    settings = proxy_settings(listen_port=0, domain=stack.settings.domain, **overrides)  # type: ignore[arg-type]
     proxy = ProxyServer(settings, control=stack.client, server_tls=server_tls)
     sock: socket.socket = bind_tcp("127.0.0.1", 0, settings.backlog)
     await proxy.start(sock)

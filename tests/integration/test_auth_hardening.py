@@ -22,7 +22,7 @@ from proxy.pgwire import messages
 from proxy.pgwire.codec import MessageReader
 from proxy.ratelimit import LimitSettings
 from proxy.rolecache import UNKNOWN_ROLE, RoleCache
-from proxy.settings import ProxySettings
+from tests.helpers import proxy_settings
 from tests.integration.test_shared_state import Relay
 from tests.unit.test_scram import PasswordClient
 from tests.wire import client_tls_context, ssl_request_upgrade, startup
@@ -62,7 +62,7 @@ async def frontdoor(stack: Up, control: ControlClient, **overrides: Any) -> Prox
     """A proxy of its own in front of the stack's control API (or a relay to it)."""
     assert stack.certs is not None
     tls = await asyncio.to_thread(ServerTLS.load, [stack.certs.server])
-    settings = ProxySettings(listen_port=0, domain=DOMAIN, **overrides)
+    settings = proxy_settings(listen_port=0, domain=DOMAIN, **overrides)
     proxy = ProxyServer(settings, control=control, server_tls=tls)
     await proxy.start(bind_tcp("127.0.0.1", 0, settings.backlog))
     return proxy

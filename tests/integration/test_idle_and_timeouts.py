@@ -12,8 +12,7 @@ import pytest
 
 from pgwake.up import Up
 from proxy.app import ProxyServer
-from proxy.settings import ProxySettings
-from tests.helpers import running_up
+from tests.helpers import proxy_settings, running_up
 from wakeup.api import ControlClient
 
 
@@ -110,7 +109,7 @@ async def test_wake_timeout_is_57P03(stack: Up) -> None:
     ep = await stack.client.create_endpoint()
     await stack.client.suspend(ep.id)
     impatient = ProxyServer(
-        ProxySettings(listen_host="127.0.0.1", listen_port=0, wake_timeout=0.001),
+        proxy_settings(listen_host="127.0.0.1", listen_port=0, wake_timeout=0.001),
         control=stack.client,
         server_tls=stack.proxy.state.server_tls,
     )

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from pgwake.up import Up
-from tests.helpers import run, running_up
+from tests.helpers import proxy_settings, run, running_up
 from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
 from wakeup.provisioners.base import ProvisionerError, Tier
 from wakeup.provisioners.local import LocalProvisioner
@@ -487,12 +487,11 @@ async def test_freeze_holds_at_every_proxy_even_one_with_a_stale_cache(rstack: U
     the old address cached; connects made on either during the drain are served by the
     new generation, never by the old one."""
     from proxy.app import ProxyServer
-    from proxy.settings import ProxySettings
 
     client = _client(rstack)
     assert rstack.proxy is not None
     other = ProxyServer(
-        ProxySettings(listen_host="127.0.0.1", listen_port=0),
+        proxy_settings(listen_host="127.0.0.1", listen_port=0),
         control=client,
         server_tls=rstack.proxy.state.server_tls,
     )

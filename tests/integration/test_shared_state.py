@@ -24,9 +24,8 @@ from prometheus_client import generate_latest
 
 from pgwake.up import Up
 from proxy.app import ProxyServer
-from proxy.settings import ProxySettings
 from proxy.shared import RedisShared
-from tests.helpers import running_up
+from tests.helpers import proxy_settings, running_up
 from tests.servers import RedisServer, free_port, raise_open_file_limit
 from tls.context import ServerTLS
 from wakeup.api import ControlClient, CreatedEndpoint
@@ -383,7 +382,7 @@ class CountingControl(ControlClient):
 async def side_proxy(up: Up, control: ControlClient, **settings: object) -> ProxyServer:
     assert up.certs is not None
     tls = await asyncio.to_thread(ServerTLS.load, [up.certs.server])
-    proxy = ProxyServer(ProxySettings(listen_port=0, **settings),  # type: ignore[arg-type]
+    proxy = ProxyServer(proxy_settings(listen_port=0, **settings),  # type: ignore[arg-type]
                         control=control, server_tls=tls)
     await proxy.start()
     return proxy
