@@ -43,11 +43,12 @@ def _run(coro: Awaitable[T]) -> T:
     import uvloop
 
     from pgwake.instance import StartupFailure
+    from proxy.dataplane import DataPlaneUnavailable
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coro)  # type: ignore[arg-type]
-    except StartupFailure as exc:
+    except (StartupFailure, DataPlaneUnavailable) as exc:
         # Something the user can fix (data dir in use, address taken): say it, no traceback.
         sys.stderr.write(f"pgwake: {exc}\n")
         raise typer.Exit(1) from None
