@@ -235,6 +235,8 @@ static void *worker_main(void *arg) {
             }
             if (tag & 1) {
                 if (c->pfd >= 0) {
+                    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                        c->p_hup = 1;
                     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                         c->pr_ready = 1;
                     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -244,6 +246,8 @@ static void *worker_main(void *arg) {
                 /* OpenSSL may read to write or write to read: retry both. */
                 c->cr_ready = c->cw_ready = 1;
             } else {
+                if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                    c->c_hup = 1;
                 if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                     c->cr_ready = 1;
                 if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -602,6 +606,7 @@ int pgw_engine_splice(pgw_engine *e, uint64_t id, int compute_fd, const uint8_t 
     }
     c->pfd = compute_fd;
     c->pwhy = 0;
+    c->p_hup = 0;
     c->pr_ready = c->pw_ready = 1;
     c->compute_shut = 0;
     c->cblock = c->pblock = c->client_hold = 0;

@@ -46,6 +46,9 @@ typedef struct pgw_conn {
     /* Under `mu`. Readiness as epoll last reported it (edge-triggered: cleared
      * only when a call says it would block). */
     unsigned cr_ready : 1, cw_ready : 1, pr_ready : 1, pw_ready : 1;
+    /* epoll reported the peer's FIN (or an error): a short read may have left
+     * it unread, and no new edge will come for it. */
+    unsigned c_hup : 1, p_hup : 1;
     unsigned client_eof : 1, client_dead : 1, compute_shut : 1;
     unsigned paused : 1, readable_sent : 1, want_drained : 1;
     unsigned cblock : 1, pblock : 1, client_hold : 1;

@@ -141,8 +141,9 @@ static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     for (;;) {
         ssize_t r = recv(c->cfd, buf, cap, 0);
         if (r > 0) {
-            /* A short read drained the socket: the next bytes bring a new edge. */
-            if ((size_t)r < cap)
+            /* A short read drained the socket: the next bytes bring a new edge
+             * (a FIN already reported brings none: it is read next). */
+            if ((size_t)r < cap && !c->c_hup)
                 c->cr_ready = 0;
             return (size_t)r;
         }
@@ -204,7 +205,7 @@ static size_t compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     for (;;) {
         ssize_t r = recv(c->pfd, buf, cap, 0);
         if (r > 0) {
-            if ((size_t)r < cap)
+            if ((size_t)r < cap && !c->p_hup)
                 c->pr_ready = 0;
             return (size_t)r;
         }
@@ -517,7 +518,9 @@ static void client_gone(pgw_worker *w, pgw_conn *c) {
     if (c->to_compute.len && !c->pwhy)
         compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
     drop_compute(c, w->epfd);
-    c->client_dead = 1;
+    /* A clean close_notify still gets ours at close(); a failed client nothing. */
+    if (why != PGW_WHY_EOF)
+        c->client_dead = 1;
     pgw_buf_free(&c->to_client);
     c->mode = PGW_MODE_PYTHON;
     c->paused = 1;
