@@ -158,10 +158,11 @@ def test_error_severity_split_at_every_byte(c_trackers: ModuleType) -> None:
     error = messages.error_response("42601", "syntax", severity="ERROR")
     for message in (fatal, panic, error):
         # Header, then the body's first 7 bytes one by one, then the rest.
-        compare_backend(c_trackers, [message[:5], *(message[i : i + 1] for i in range(5, 12)),
-                                     message[12:]])
+        compare_backend(
+            c_trackers, [message[:5], *(message[i : i + 1] for i in range(5, 12)), message[12:]]
+        )
         for cut in range(5, 13):
-            compare_backend(c_trackers, [message[:cut], message[cut:cut + 2], message[cut + 2:]])
+            compare_backend(c_trackers, [message[:cut], message[cut : cut + 2], message[cut + 2 :]])
 
 
 def test_short_error_bodies_read_like_python(c_trackers: ModuleType) -> None:
