@@ -1,0 +1,659 @@
+/* One connection's I/O (see engine_int.h): the TLS handshake, PYTHON-mode
+ * reading, the splice with flow control and half-close, yields and closing.
+ * Everything here runs under the conn's mutex; only pgw_flush_client also runs
+ * on Python's thread (write()). Chunks are read into the worker's one buffer
+ * and written on at once; only what a peer does not take is queued. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+
+#include "engine_int.h"
+
+/* Rounds of work for one conn before the others get their turn. */
+#define PGW_ROUNDS 16
+
+/* ---- byte queues ---- */
+
+int pgw_buf_append(pgw_buf *b, const uint8_t *p, size_t n) {
+    if (!n)
+        return 0;
+    if (n > UINT32_MAX - (size_t)b->len - 4096)
+        return -1;
+    size_t need = (size_t)b->len + n;
+    if ((size_t)b->off + need > b->cap) {
+        if (b->off) { /* slide to the front before growing */
+            memmove(b->data, b->data + b->off, b->len);
+            b->off = 0;
+        }
+        if (need > b->cap) {
+            size_t cap = b->cap ? (size_t)b->cap * 2 : 4096;
+            while (cap < need)
+                cap *= 2;
+            if (cap > UINT32_MAX)
+                cap = need;
+            uint8_t *data = realloc(b->data, cap);
+            if (!data)
+                return -1;
+            b->data = data;
+            b->cap = (uint32_t)cap;
+        }
+    }
+    memcpy(b->data + b->off + b->len, p, n);
+    b->len += (uint32_t)n;
+    return 0;
+}
+
+void pgw_buf_consume(pgw_buf *b, size_t n) {
+    if (n >= b->len) {
+        pgw_buf_free(b);
+        return;
+    }
+    b->off += (uint32_t)n;
+    b->len -= (uint32_t)n;
+}
+
+void pgw_buf_free(pgw_buf *b) {
+    free(b->data);
+    b->data = NULL;
+    b->off = b->len = b->cap = 0;
+}
+
+/* ---- events and reasons ---- */
+
+void pgw_reason(const pgw_conn *c, int why, char *out, size_t outlen) {
+    if (why == PGW_WHY_EOF)
+        snprintf(out, outlen, "eof");
+    else if (why == PGW_WHY_NOMEM)
+        snprintf(out, outlen, "out of memory");
+    else if (why == PGW_WHY_TLS) {
+        const char *r = c->ssl_err ? ERR_reason_error_string(c->ssl_err) : NULL;
+        snprintf(out, outlen, "tls error: %s", r ? r : "protocol error");
+    } else if (why > 0) {
+        char buf[64];
+        snprintf(out, outlen, "%s", strerror_r(why, buf, sizeof buf));
+    } else
+        snprintf(out, outlen, "closed");
+}
+
+static void emit_reason(pgw_engine *e, pgw_conn *c, int kind, int why, const char *text) {
+    pgw_event *ev = pgw_event_new(c, kind);
+    if (!ev)
+        return;
+    if (text)
+        snprintf(ev->reason, sizeof ev->reason, "%s", text);
+    else
+        pgw_reason(c, why, ev->reason, sizeof ev->reason);
+    pgw_emit(e, ev);
+}
+
+/* ---- the two sockets ---- */
+
+static void client_failed(pgw_conn *c, int why) {
+    if (!c->cwhy)
+        c->cwhy = why;
+    c->client_dead = 1;
+}
+
+static void tls_failed(pgw_conn *c, int ssl_error) {
+    if (ssl_error == SSL_ERROR_ZERO_RETURN) {
+        c->client_eof = 1;
+        if (!c->cwhy)
+            c->cwhy = PGW_WHY_EOF;
+        return;
+    }
+    if (ssl_error == SSL_ERROR_SYSCALL && errno) {
+        client_failed(c, errno);
+    } else {
+        c->ssl_err = (uint32_t)ERR_peek_last_error();
+        client_failed(c, PGW_WHY_TLS);
+    }
+    ERR_clear_error();
+}
+
+/* Reads what the client has, up to `cap` bytes, into `buf`. Sets client_eof or
+ * client_dead when the client ends; clears cr_ready when it would block. */
+static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+    if (c->ssl) {
+        /* One record per SSL_read: fill the buffer, so the peer gets one write. */
+        size_t got = 0;
+        while (got < cap) {
+            size_t r = 0;
+            if (SSL_read_ex(c->ssl, buf + got, cap - got, &r)) {
+                got += r;
+                continue;
+            }
+            int err = SSL_get_error(c->ssl, 0);
+            if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+                c->cr_ready = 0;
+            else
+                tls_failed(c, err);
+            break;
+        }
+        return got;
+    }
+    for (;;) {
+        ssize_t r = recv(c->cfd, buf, cap, 0);
+        if (r > 0) {
+            /* A short read drained the socket: the next bytes bring a new edge
+             * (a FIN already reported brings none: it is read next). */
+            if ((size_t)r < cap && !c->c_hup)
+                c->cr_ready = 0;
+            return (size_t)r;
+        }
+        if (r == 0) {
+            c->client_eof = 1;
+            if (!c->cwhy)
+                c->cwhy = PGW_WHY_EOF;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->cr_ready = 0;
+        } else {
+            client_failed(c, errno);
+        }
+        return 0;
+    }
+}
+
+/* Writes up to `n` bytes to the client; returns how many it took. */
+static size_t client_send(pgw_conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    if (c->ssl) {
+        ERR_clear_error(); /* Python's thread shares OpenSSL's per-thread queue */
+        while (done < n) {
+            size_t w = 0;
+            if (SSL_write_ex(c->ssl, p + done, n - done, &w)) {
+                done += w;
+                continue;
+            }
+            int err = SSL_get_error(c->ssl, 0);
+            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ)
+                c->cw_ready = 0;
+            else if (err == SSL_ERROR_ZERO_RETURN) /* the client said close_notify */
+                client_failed(c, PGW_WHY_EOF);
+            else
+                tls_failed(c, err);
+            break;
+        }
+        return done;
+    }
+    while (done < n) {
+        ssize_t r = send(c->cfd, p + done, n - done, MSG_NOSIGNAL);
+        if (r > 0) {
+            done += (size_t)r;
+        } else if (r < 0 && errno == EINTR) {
+            continue;
+        } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->cw_ready = 0;
+            break;
+        } else {
+            client_failed(c, r < 0 ? errno : EPIPE);
+            break;
+        }
+    }
+    return done;
+}
+
+static size_t compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+    for (;;) {
+        ssize_t r = recv(c->pfd, buf, cap, 0);
+        if (r > 0) {
+            if ((size_t)r < cap && !c->p_hup)
+                c->pr_ready = 0;
+            return (size_t)r;
+        }
+        if (r == 0)
+            c->pwhy = PGW_WHY_EOF;
+        else if (errno == EINTR)
+            continue;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            c->pr_ready = 0;
+        else
+            c->pwhy = errno;
+        return 0;
+    }
+}
+
+static size_t compute_send(pgw_conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = send(c->pfd, p + done, n - done, MSG_NOSIGNAL);
+        if (r > 0) {
+            done += (size_t)r;
+        } else if (r < 0 && errno == EINTR) {
+            continue;
+        } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->pw_ready = 0;
+            break;
+        } else {
+            c->pwhy = r < 0 ? errno : EPIPE;
+            break;
+        }
+    }
+    return done;
+}
+
+/* Sends `p` on to a side now when nothing is queued before it; queues the rest. */
+static void to_client(pgw_conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    if (c->client_dead)
+        return;
+    if (!c->to_client.len && c->cw_ready)
+        done = client_send(c, p, n);
+    if (done < n && !c->client_dead && pgw_buf_append(&c->to_client, p + done, n - done) < 0)
+        client_failed(c, PGW_WHY_NOMEM);
+}
+
+static void to_compute(pgw_conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    if (c->pfd < 0 || c->pwhy)
+        return;
+    if (!c->to_compute.len && c->pw_ready)
+        done = compute_send(c, p, n);
+    if (done < n && !c->pwhy && pgw_buf_append(&c->to_compute, p + done, n - done) < 0)
+        c->pwhy = PGW_WHY_NOMEM;
+}
+
+int pgw_flush_client(pgw_engine *e, pgw_conn *c) {
+    int moved = 0;
+    if (c->to_client.len && c->cw_ready && !c->client_dead) {
+        size_t n = client_send(c, c->to_client.data + c->to_client.off, c->to_client.len);
+        pgw_buf_consume(&c->to_client, n);
+        moved = n > 0;
+    }
+    if (c->client_dead)
+        pgw_buf_free(&c->to_client);
+    if (c->to_client.len < PGW_LOW_WATER) {
+        if (c->pblock) {
+            c->pblock = 0;
+            moved = 1;
+        }
+        if (c->want_drained && c->mode == PGW_MODE_PYTHON) {
+            c->want_drained = 0;
+            pgw_emit(e, pgw_event_new(c, PGW_EV_DRAINED));
+        }
+    }
+    return moved;
+}
+
+static int flush_compute(pgw_conn *c) {
+    int moved = 0;
+    if (c->pfd < 0)
+        return 0;
+    if (c->to_compute.len && c->pw_ready && !c->pwhy) {
+        size_t n = compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
+        pgw_buf_consume(&c->to_compute, n);
+        moved = n > 0;
+    }
+    if (c->to_compute.len < PGW_LOW_WATER && c->cblock) {
+        c->cblock = 0;
+        moved = 1;
+    }
+    return moved;
+}
+
+static void drop_compute(pgw_conn *c, int epfd) {
+    if (c->pfd >= 0) {
+        epoll_ctl(epfd, EPOLL_CTL_DEL, c->pfd, NULL);
+        close(c->pfd);
+        c->pfd = -1;
+    }
+    pgw_buf_free(&c->to_compute);
+}
+
+void pgw_release(pgw_conn *c, int epfd) {
+    drop_compute(c, epfd);
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+    if (c->cfd >= 0) {
+        if (epfd >= 0)
+            epoll_ctl(epfd, EPOLL_CTL_DEL, c->cfd, NULL);
+        close(c->cfd);
+        c->cfd = -1;
+    }
+    pgw_buf_free(&c->in);
+    pgw_buf_free(&c->to_client);
+    free(c->choice.server_name);
+    c->choice.server_name = NULL;
+    pgw_tls_table_unref(c->table);
+    c->table = NULL;
+}
+
+/* ---- closing ---- */
+
+static void unlinger(pgw_worker *w, pgw_conn *c) {
+    if (!c->lingering)
+        return;
+    if (c->linger_prev)
+        c->linger_prev->linger_next = c->linger_next;
+    else
+        w->lingering = c->linger_next;
+    if (c->linger_next)
+        c->linger_next->linger_prev = c->linger_prev;
+    c->linger_prev = c->linger_next = NULL;
+    c->lingering = 0;
+}
+
+static void finalize(pgw_worker *w, pgw_conn *c, const char *reason) {
+    if (c->ssl && c->mode != PGW_MODE_HANDSHAKE && !c->abort_req && !c->client_dead) {
+        SSL_shutdown(c->ssl); /* close_notify, best effort: never waited for */
+        ERR_clear_error();
+    }
+    unlinger(w, c);
+    pgw_release(c, w->epfd);
+    c->mode = PGW_MODE_CLOSING;
+    c->dead = 1;
+    emit_reason(pgw_worker_engine(w), c, PGW_EV_CLOSED, 0, reason);
+}
+
+/* close(): flush what is queued (unless aborting), then close. 1 once closed. */
+static int close_step(pgw_worker *w, pgw_conn *c) {
+    if (c->mode != PGW_MODE_CLOSING) {
+        c->mode = PGW_MODE_CLOSING; /* nothing more is read */
+        pgw_buf_free(&c->in);
+    }
+    size_t pending = (c->client_dead ? 0 : c->to_client.len) +
+                     (c->pfd >= 0 && !c->pwhy ? c->to_compute.len : 0);
+    if (c->abort_req || !pending || (c->lingering && pgw_now() >= c->linger_deadline)) {
+        finalize(w, c, c->abort_req ? "aborted" : "closed");
+        return 1;
+    }
+    if (!c->lingering) {
+        c->lingering = 1;
+        c->linger_deadline = pgw_now() + PGW_CLOSE_LINGER;
+        c->linger_prev = NULL;
+        c->linger_next = w->lingering;
+        if (w->lingering)
+            w->lingering->linger_prev = c;
+        w->lingering = c;
+    }
+    return 0;
+}
+
+/* ---- handshake ---- */
+
+static void handshake(pgw_worker *w, pgw_conn *c) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        pgw_event *ev = pgw_event_new(c, PGW_EV_READY);
+        if (!ev) {
+            finalize(w, c, "out of memory");
+            return;
+        }
+        const unsigned char *alpn = NULL;
+        unsigned alpn_len = 0;
+        SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
+        ev->alpn = alpn_len == 10 && !memcmp(alpn, "postgresql", 10) ? "postgresql" : NULL;
+        ev->cert_index = c->choice.cert_index < 0 ? 0 : c->choice.cert_index;
+        ev->server_name = c->choice.server_name;
+        c->choice.server_name = NULL;
+        pgw_tls_table_unref(c->table);
+        c->table = NULL;
+        c->mode = PGW_MODE_PYTHON;
+        c->cr_ready = c->cw_ready = 1; /* read-ahead may hold the first bytes already */
+        pgw_emit(pgw_worker_engine(w), ev);
+        return;
+    }
+    int err = SSL_get_error(c->ssl, r);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+        c->cr_ready = 0;
+        return;
+    }
+    char reason[96];
+    unsigned long code = ERR_peek_last_error();
+    if (c->choice.failed)
+        snprintf(reason, sizeof reason, "tls handshake failed: invalid server name");
+    else if (code)
+        snprintf(reason, sizeof reason, "tls handshake failed: %s",
+                 ERR_reason_error_string(code) ? ERR_reason_error_string(code) : "error");
+    else if (err == SSL_ERROR_SYSCALL && errno)
+        snprintf(reason, sizeof reason, "tls handshake failed: %s", strerror(errno));
+    else
+        snprintf(reason, sizeof reason, "tls handshake failed: eof");
+    ERR_clear_error();
+    c->client_dead = 1; /* no close_notify after a failed handshake */
+    finalize(w, c, reason);
+}
+
+/* ---- PYTHON mode ---- */
+
+static int python_step(pgw_worker *w, pgw_conn *c) {
+    int did = 0;
+    if (c->cr_ready && !c->paused && !c->client_eof && !c->client_dead &&
+        c->in.len < PGW_HIGH_WATER) {
+        size_t n = client_recv(c, w->buf, PGW_READ_BUFFER);
+        if (n) {
+            c->last_activity = pgw_now();
+            if (pgw_buf_append(&c->in, w->buf, n) < 0)
+                client_failed(c, PGW_WHY_NOMEM);
+            did = 1;
+        }
+        if (c->client_eof || c->client_dead)
+            did = 1;
+    }
+    if (!c->readable_sent && (c->in.len || c->client_eof || c->client_dead)) {
+        c->readable_sent = 1;
+        pgw_emit(pgw_worker_engine(w), pgw_event_new(c, PGW_EV_READABLE));
+    }
+    return did;
+}
+
+/* ---- SPLICE mode ---- */
+
+static int outstanding(const pgw_conn *c) {
+    return c->front.requests > c->back.ready_count || c->front.unsynced;
+}
+
+/* proxy/splice.py's Splice.idle: idle outside a transaction, nothing asked. */
+static int splice_idle(const pgw_conn *c) {
+    return pgw_backend_idle(&c->back) && !outstanding(c);
+}
+
+/* SPLICE -> PYTHON: the compute fd goes back to Python with `held` (compute
+ * bytes not forwarded). Client bytes not yet written to the compute become
+ * readable by Python again, ahead of anything the client sends next. */
+static void do_yield(pgw_worker *w, pgw_conn *c, const char *reason, const uint8_t *held,
+                     size_t held_len) {
+    pgw_event *ev = pgw_event_new(c, PGW_EV_YIELDED);
+    if (ev && held_len) {
+        ev->data = malloc(held_len);
+        if (ev->data) {
+            memcpy(ev->data, held, held_len);
+            ev->len = held_len;
+        } else {
+            free(ev);
+            ev = NULL;
+        }
+    }
+    if (!ev) { /* cannot hand the compute back: end the splice as if it went */
+        drop_compute(c, w->epfd);
+        c->mode = PGW_MODE_PYTHON;
+        c->paused = 1;
+        c->yield_when = 0;
+        emit_reason(pgw_worker_engine(w), c, PGW_EV_COMPUTE_CLOSED, PGW_WHY_NOMEM, NULL);
+        return;
+    }
+    epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->pfd, NULL);
+    ev->fd = c->pfd;
+    c->pfd = -1;
+    pgw_buf_free(&c->in);
+    c->in = c->to_compute;
+    memset(&c->to_compute, 0, sizeof c->to_compute);
+    c->mode = PGW_MODE_PYTHON;
+    c->paused = 1;
+    c->yield_when = 0;
+    c->client_hold = c->cblock = c->pblock = 0;
+    c->readable_sent = 0;
+    c->compute_shut = 0;
+    snprintf(ev->reason, sizeof ev->reason, "%s", reason);
+    pgw_emit(pgw_worker_engine(w), ev);
+}
+
+/* The compute closed or failed: the conn goes back to Python, reading paused. */
+static void compute_gone(pgw_worker *w, pgw_conn *c) {
+    int why = c->pwhy ? c->pwhy : PGW_WHY_EOF;
+    drop_compute(c, w->epfd);
+    c->mode = PGW_MODE_PYTHON;
+    c->paused = 1;
+    c->yield_when = 0;
+    c->client_hold = c->cblock = c->pblock = 0;
+    c->readable_sent = 0;
+    emit_reason(pgw_worker_engine(w), c, PGW_EV_COMPUTE_CLOSED, why, NULL);
+}
+
+/* The client closed or failed: the compute gets what is queued for it (one
+ * try) and is closed; Python reads the final state, then closes. */
+static void client_gone(pgw_worker *w, pgw_conn *c) {
+    int why = c->cwhy ? c->cwhy : PGW_WHY_EOF;
+    if (c->to_compute.len && !c->pwhy)
+        compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
+    drop_compute(c, w->epfd);
+    /* A clean close_notify still gets ours at close(); a failed client nothing. */
+    if (why != PGW_WHY_EOF)
+        c->client_dead = 1;
+    pgw_buf_free(&c->to_client);
+    c->mode = PGW_MODE_PYTHON;
+    c->paused = 1;
+    c->yield_when = 0;
+    c->readable_sent = 1; /* Python knows: no READABLE for this */
+    emit_reason(pgw_worker_engine(w), c, PGW_EV_CLIENT_CLOSED, why, NULL);
+}
+
+/* A yield asked for: 1 once it happened. */
+static int check_yield(pgw_worker *w, pgw_conn *c) {
+    switch (c->yield_when) {
+    case PGW_YIELD_NOW:
+        do_yield(w, c, "now", NULL, 0);
+        return 1;
+    case PGW_YIELD_BOUNDARY:
+        c->client_hold = 1;
+        if (pgw_at_boundary(&c->back.f)) {
+            do_yield(w, c, "boundary", NULL, 0);
+            return 1;
+        }
+        return 0;
+    case PGW_YIELD_IDLE:
+        if (!c->to_compute.len && splice_idle(c) && pgw_at_boundary(&c->front.f)) {
+            do_yield(w, c, "idle", NULL, 0);
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+static int splice_step(pgw_worker *w, pgw_conn *c) {
+    int did = 0;
+    if (c->client_dead || (c->client_eof && c->ssl)) {
+        /* TLS has no half-close: close_notify or EOF ends both directions. */
+        client_gone(w, c);
+        return 1;
+    }
+    if (c->pwhy) {
+        compute_gone(w, c);
+        return 1;
+    }
+    if (check_yield(w, c))
+        return 1;
+    /* compute -> client */
+    if (c->pr_ready && !c->pblock) {
+        size_t n = compute_recv(c, w->buf, PGW_READ_BUFFER);
+        if (n) {
+            did = 1;
+            const uint8_t *p = w->buf;
+            if (p[0] == 'E' && (c->splice_flags & PGW_MAY_PARK) &&
+                pgw_at_boundary(&c->back.f) &&
+                ((c->splice_flags & PGW_REWORD) || splice_idle(c))) {
+                /* A backend says FATAL just before it goes: Python decides
+                 * whether the client ever sees it (a park) or in which words. */
+                do_yield(w, c, "error", p, n);
+                return 1;
+            }
+            c->bytes_from_compute += n;
+            pgw_backend_feed(&c->back, p, n);
+            to_client(c, p, n);
+            if (c->to_client.len >= PGW_HIGH_WATER)
+                c->pblock = 1;
+            if (c->client_dead) {
+                client_gone(w, c);
+                return 1;
+            }
+            if (c->yield_when == PGW_YIELD_IDLE && check_yield(w, c))
+                return 1;
+        } else if (c->pwhy) {
+            compute_gone(w, c);
+            return 1;
+        }
+    }
+    /* client -> compute */
+    if (c->cr_ready && !c->client_eof && !c->cblock && !c->client_hold) {
+        size_t n = client_recv(c, w->buf, PGW_READ_BUFFER);
+        if (n) {
+            did = 1;
+            c->bytes_from_client += n;
+            c->last_activity = pgw_now();
+            pgw_frontend_feed(&c->front, w->buf, n);
+            to_compute(c, w->buf, n);
+            if (c->to_compute.len >= PGW_HIGH_WATER)
+                c->cblock = 1;
+            if (c->pwhy) {
+                compute_gone(w, c);
+                return 1;
+            }
+        }
+        if (c->client_dead || (c->client_eof && c->ssl)) {
+            client_gone(w, c);
+            return 1;
+        }
+        if (c->client_eof)
+            did = 1;
+    }
+    /* A plaintext client's EOF goes on to the compute once its bytes are there;
+     * the compute is read to its end. */
+    if (c->client_eof && !c->compute_shut && !c->to_compute.len) {
+        shutdown(c->pfd, SHUT_WR);
+        c->compute_shut = 1;
+    }
+    return did;
+}
+
+void pgw_progress(pgw_worker *w, pgw_conn *c) {
+    pgw_engine *e = pgw_worker_engine(w);
+    if (c->mode == PGW_MODE_HANDSHAKE) {
+        if (c->close_req) {
+            finalize(w, c, c->abort_req ? "aborted" : "closed");
+            return;
+        }
+        handshake(w, c);
+        if (c->mode == PGW_MODE_HANDSHAKE || c->dead)
+            return;
+    }
+    for (int round = 0;; round++) {
+        if (round == PGW_ROUNDS) {
+            pgw_kick(c, 0); /* more to do: after the other conns' turn */
+            return;
+        }
+        int did = pgw_flush_client(e, c);
+        did |= flush_compute(c);
+        if (c->close_req) {
+            if (close_step(w, c))
+                return;
+        } else if (c->mode == PGW_MODE_SPLICE) {
+            did |= splice_step(w, c);
+        } else if (c->mode == PGW_MODE_PYTHON) {
+            did |= python_step(w, c);
+        }
+        if (!did)
+            return;
+    }
+}

@@ -1,0 +1,519 @@
+/* libFuzzer harness for TLS record edge cases on the server side of the native
+ * data plane: a server SSL built the way the engine builds it (tls_native.c's
+ * table and pgw_tls_new_ssl when compiled with -DPGW_FUZZ_TLS_NATIVE; otherwise
+ * a context with the same settings made here), on memory BIOs, its plaintext
+ * read into one fixed buffer and fed to the frontend tracker, as the engine does.
+ *
+ *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -DPGW_FUZZ_TLS_NATIVE -I.. \
+ *       fuzz_tls.c ../tls_native.c ../tracker.c -lssl -lcrypto
+ *
+ * Input: byte 0 is the mode. Mode % 4 == 0: the rest goes to a fresh server as
+ * raw client bytes (ClientHello and record-layer parsing, the SNI and ALPN
+ * callbacks), in pieces whose sizes come from byte 1. Otherwise a real OpenSSL
+ * client (TLS 1.2 or 1.3, SNI and ALPN chosen by the mode) talks to the server
+ * and the rest of the input is a list of operations: client handshake steps and
+ * writes (small, and queries large enough to span records), moving the
+ * client's ciphertext in any fragment sizes, corrupting a byte of it,
+ * injecting raw bytes between records, key updates, renegotiation attempts
+ * (refused), close_notify, and server writes (so buffers are released and
+ * re-taken both ways).
+ *
+ * Checked after every operation: whatever the server decrypts is exactly the
+ * next part of what the client wrote (nothing forged, lost or reordered, even
+ * after tampering), and in a clean exchange all of it arrives. At the end the
+ * frontend tracker fed in SSL_read pieces agrees with one fed everything at
+ * once. ASan/UBSan and libFuzzer's leak check cover memory. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
+#include "tracker.h"
+#ifdef PGW_FUZZ_TLS_NATIVE
+#include "tls_native.h"
+#endif
+
+#define MAX_OPS 96
+/* The engine reads a TLS record's plaintext into a fixed per-thread buffer. */
+#define PLAIN_BUF 16384
+
+static struct {
+#ifdef PGW_FUZZ_TLS_NATIVE
+    pgw_tls_table *table;
+#else
+    SSL_CTX *server;
+#endif
+    SSL_CTX *client[2]; /* TLS 1.2 only, TLS 1.3 only */
+} G;
+
+static uint8_t plain[PLAIN_BUF];
+
+static void check(int ok, const char *what)
+{
+    if (!ok) {
+        fprintf(stderr, "fuzz_tls: %s\n", what);
+        abort();
+    }
+}
+
+/* ---- one-time set-up: a throw-away certificate, the contexts ---- */
+
+static void make_cert(EVP_PKEY **key_out, X509 **cert_out, const char *cn)
+{
+    EVP_PKEY *key = EVP_EC_gen("P-256");
+    X509 *cert = X509_new();
+    check(key && cert, "key/cert");
+    X509_set_version(cert, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+    X509_gmtime_adj(X509_getm_notBefore(cert), -60);
+    X509_gmtime_adj(X509_getm_notAfter(cert), 86400);
+    X509_set_pubkey(cert, key);
+    X509_NAME *name = X509_get_subject_name(cert);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)cn, -1, -1, 0);
+    X509_set_issuer_name(cert, name);
+    check(X509_sign(cert, key, EVP_sha256()) > 0, "X509_sign");
+    *key_out = key;
+    *cert_out = cert;
+}
+
+#ifdef PGW_FUZZ_TLS_NATIVE
+static void write_pem(const char *path, EVP_PKEY *key, X509 *cert)
+{
+    FILE *f = fopen(path, "w");
+    check(f != NULL, "fopen");
+    check(key ? PEM_write_PrivateKey(f, key, NULL, NULL, 0, NULL, NULL)
+              : PEM_write_X509(f, cert),
+          "PEM_write");
+    fclose(f);
+}
+
+static void setup_server(void)
+{
+    /* Two certificates (default, and one chosen by exact name or wildcard),
+     * loaded from files as the engine loads them, then the files go. */
+    char dir[] = "/tmp/fuzz_tls.XXXXXX";
+    check(mkdtemp(dir) != NULL, "mkdtemp");
+    char certs[2][64], keys[2][64];
+    const char *cert_files[2], *key_files[2];
+    for (int i = 0; i < 2; i++) {
+        EVP_PKEY *key;
+        X509 *cert;
+        make_cert(&key, &cert, i ? "db.example.com" : "default");
+        snprintf(certs[i], sizeof certs[i], "%s/cert%d.pem", dir, i);
+        snprintf(keys[i], sizeof keys[i], "%s/key%d.pem", dir, i);
+        write_pem(certs[i], NULL, cert);
+        write_pem(keys[i], key, NULL);
+        cert_files[i] = certs[i];
+        key_files[i] = keys[i];
+        EVP_PKEY_free(key);
+        X509_free(cert);
+    }
+    pgw_tls_name exact[] = {{"db.example.com", 1}};
+    pgw_tls_name wildcard[] = {{"example.org", 1}};
+    char err[256] = "";
+    G.table = pgw_tls_table_new(cert_files, key_files, 2, exact, 1, wildcard, 1, err, sizeof err);
+    if (!G.table)
+        fprintf(stderr, "fuzz_tls: %s\n", err);
+    check(G.table != NULL, "pgw_tls_table_new");
+    for (int i = 0; i < 2; i++) {
+        unlink(certs[i]);
+        unlink(keys[i]);
+    }
+    rmdir(dir);
+}
+
+static SSL *new_server(pgw_tls_choice *choice)
+{
+    /* fd -1: its socket BIO is replaced by memory BIOs below. */
+    return pgw_tls_new_ssl(G.table, -1, choice);
+}
+#else
+static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                   const unsigned char *in, unsigned int inlen, void *arg)
+{
+    static const unsigned char pg[] = "\x0apostgresql";
+    (void)ssl;
+    (void)arg;
+    unsigned char *selected;
+    unsigned char selected_len;
+    if (SSL_select_next_proto(&selected, &selected_len, pg, sizeof pg - 1, in, inlen) !=
+        OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *out = selected;
+    *outlen = selected_len;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static void setup_server(void)
+{
+    /* tls_native.c's settings, for a tree where it is not written yet. */
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    check(ctx != NULL, "SSL_CTX_new");
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET |
+                                 SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
+                              SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
+    EVP_PKEY *key;
+    X509 *cert;
+    make_cert(&key, &cert, "default");
+    check(SSL_CTX_use_certificate(ctx, cert) == 1 && SSL_CTX_use_PrivateKey(ctx, key) == 1,
+          "use cert");
+    EVP_PKEY_free(key);
+    X509_free(cert);
+    G.server = ctx;
+}
+
+typedef struct {
+    int cert_index;
+    char *server_name;
+    int failed;
+} pgw_tls_choice;
+
+static SSL *new_server(pgw_tls_choice *choice)
+{
+    choice->cert_index = -1;
+    choice->server_name = NULL;
+    choice->failed = 0;
+    SSL *ssl = SSL_new(G.server);
+    if (ssl)
+        SSL_set_accept_state(ssl);
+    return ssl;
+}
+#endif
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    setup_server();
+    for (int i = 0; i < 2; i++) {
+        SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+        check(ctx != NULL, "client ctx");
+        int version = i ? TLS1_3_VERSION : TLS1_2_VERSION;
+        SSL_CTX_set_min_proto_version(ctx, version);
+        SSL_CTX_set_max_proto_version(ctx, version);
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+        G.client[i] = ctx;
+    }
+    return 0;
+}
+
+/* ---- the input, read from the front ---- */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} input;
+
+static unsigned take_byte(input *in)
+{
+    if (!in->n)
+        return 0;
+    in->n--;
+    return *in->p++;
+}
+
+static const uint8_t *take(input *in, size_t *len)
+{
+    if (*len > in->n)
+        *len = in->n;
+    const uint8_t *p = in->p;
+    in->p += *len;
+    in->n -= *len;
+    return p;
+}
+
+/* ---- one connection ---- */
+
+typedef struct {
+    SSL *server, *client;
+    BIO *to_server, *from_server;  /* the server's rbio / wbio */
+    BIO *to_client, *from_client;  /* the client's rbio / wbio */
+    pgw_tls_choice choice;
+    int server_dead, server_eof;
+    size_t read_size;
+    pgw_frontend tracker;
+    uint8_t *written;  /* everything the client wrote (plaintext) */
+    size_t written_len, written_cap;
+    size_t received;   /* how much of it the server has decrypted */
+} conn;
+
+static void memory_bios(SSL *ssl, BIO **rbio, BIO **wbio)
+{
+    *rbio = BIO_new(BIO_s_mem());
+    *wbio = BIO_new(BIO_s_mem());
+    check(*rbio && *wbio, "BIO_new");
+    SSL_set_bio(ssl, *rbio, *wbio); /* the SSL owns them now */
+}
+
+/* The server side of the engine: read what there is into the fixed buffer,
+ * feed the tracker, check it is the next part of what the client wrote. */
+static void server_pump(conn *c)
+{
+    while (!c->server_dead && !c->server_eof) {
+        int r = SSL_read(c->server, plain, (int)c->read_size);
+        if (r > 0) {
+            check(c->received + (size_t)r <= c->written_len, "server decrypted more than was sent");
+            check(!memcmp(plain, c->written + c->received, (size_t)r),
+                  "server decrypted other bytes than were sent");
+            c->received += (size_t)r;
+            pgw_frontend_feed(&c->tracker, plain, (size_t)r);
+            continue;
+        }
+        int err = SSL_get_error(c->server, r);
+        if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+            break;
+        if (err == SSL_ERROR_ZERO_RETURN)
+            c->server_eof = 1;
+        else
+            c->server_dead = 1;
+        ERR_clear_error();
+    }
+    ERR_clear_error();
+}
+
+static void move(BIO *from, BIO *to, size_t limit, int corrupt_at, uint8_t corrupt_with)
+{
+    uint8_t buf[4096];
+    size_t moved = 0;
+    while (moved < limit) {
+        size_t want = limit - moved < sizeof buf ? limit - moved : sizeof buf;
+        int r = BIO_read(from, buf, (int)want);
+        if (r <= 0)
+            break;
+        if (corrupt_at >= 0 && (size_t)corrupt_at >= moved && (size_t)corrupt_at < moved + (size_t)r)
+            buf[(size_t)corrupt_at - moved] ^= corrupt_with;
+        check(BIO_write(to, buf, r) == r, "BIO_write");
+        moved += (size_t)r;
+    }
+}
+
+/* Server output to the client, which reads and drops it (alerts, tickets none). */
+static void client_pump(conn *c)
+{
+    move(c->from_server, c->to_client, SIZE_MAX, -1, 0);
+    int r;
+    do
+        r = SSL_read(c->client, plain, sizeof plain);
+    while (r > 0);
+    ERR_clear_error();
+}
+
+static void client_write(conn *c, const uint8_t *data, size_t len)
+{
+    if (!len || !SSL_is_init_finished(c->client))
+        return;
+    size_t done = 0;
+    while (done < len) {
+        int r = SSL_write(c->client, data + done, (int)(len - done));
+        if (r <= 0)
+            break;
+        /* Recorded only once sent: the server must see exactly these. */
+        if (c->written_len + (size_t)r > c->written_cap) {
+            size_t cap = (c->written_cap ? c->written_cap * 2 : 4096);
+            while (cap < c->written_len + (size_t)r)
+                cap *= 2;
+            c->written = realloc(c->written, cap);
+            check(c->written != NULL, "realloc");
+            c->written_cap = cap;
+        }
+        memcpy(c->written + c->written_len, data + done, (size_t)r);
+        c->written_len += (size_t)r;
+        done += (size_t)r;
+    }
+    ERR_clear_error();
+}
+
+static void raw_mode(input *in, unsigned mode)
+{
+    /* Arbitrary client bytes, in pieces, at a fresh server. */
+    pgw_tls_choice choice;
+    SSL *server = new_server(&choice);
+    check(server != NULL, "new_server");
+    BIO *rbio, *wbio;
+    memory_bios(server, &rbio, &wbio);
+    pgw_frontend tracker;
+    pgw_frontend_init(&tracker);
+    size_t piece = 1 + take_byte(in) * ((mode >> 2) % 4 + 1);
+    while (in->n) {
+        size_t len = piece;
+        const uint8_t *p = take(in, &len);
+        check(BIO_write(rbio, p, (int)len) == (int)len, "BIO_write");
+        int r = SSL_read(server, plain, sizeof plain);
+        if (r > 0)
+            pgw_frontend_feed(&tracker, plain, (size_t)r);
+        int err = r > 0 ? SSL_ERROR_NONE : SSL_get_error(server, r);
+        ERR_clear_error();
+        (void)BIO_reset(wbio);
+        if (err != SSL_ERROR_NONE && err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
+            break;
+    }
+    SSL_free(server);
+    free(choice.server_name);
+    ERR_clear_error();
+}
+
+static const char *const SNI[] = {NULL, "db.example.com", "x.example.org", "DB.Example.COM.",
+                                  "*.example.org", "", "bad name", "a.b.c.d.example.org"};
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    input in = {data, size};
+    unsigned mode = take_byte(&in);
+    if ((mode & 3) == 0) {
+        raw_mode(&in, mode);
+        return 0;
+    }
+    static const size_t READ_SIZES[] = {PLAIN_BUF, 1, 5, 100, 4000, PLAIN_BUF, 16, PLAIN_BUF};
+    conn c;
+    memset(&c, 0, sizeof c);
+    pgw_frontend_init(&c.tracker);
+    c.read_size = READ_SIZES[(mode >> 2) & 7];
+    int tls13 = (mode >> 5) & 1;
+    c.server = new_server(&c.choice);
+    check(c.server != NULL, "new_server");
+    memory_bios(c.server, &c.to_server, &c.from_server);
+    c.client = SSL_new(G.client[tls13]);
+    check(c.client != NULL, "SSL_new client");
+    memory_bios(c.client, &c.to_client, &c.from_client);
+    SSL_set_connect_state(c.client);
+    unsigned sni = take_byte(&in);
+    if (SNI[sni & 7])
+        SSL_set_tlsext_host_name(c.client, SNI[sni & 7]);
+    if (mode & 0x40)
+        SSL_set_alpn_protos(c.client, (const unsigned char *)"\x0apostgresql\x08http/1.1", 20);
+    else if (mode & 0x80)
+        SSL_set_alpn_protos(c.client, (const unsigned char *)"\x08http/1.1", 9);
+
+    int clean = 1;
+    for (int op = 0; op < MAX_OPS && in.n; op++) {
+        unsigned code = take_byte(&in);
+        switch (code % 10) {
+        case 0: /* a client step: the handshake, or a write of input bytes */
+            if (!SSL_is_init_finished(c.client)) {
+                (void)SSL_do_handshake(c.client);
+                ERR_clear_error();
+            } else {
+                size_t len = take_byte(&in);
+                const uint8_t *p = take(&in, &len);
+                client_write(&c, p, len);
+            }
+            break;
+        case 1: /* some of the client's ciphertext: records split anywhere */
+            move(c.from_client, c.to_server, 1 + take_byte(&in), -1, 0);
+            server_pump(&c);
+            client_pump(&c);
+            break;
+        case 2:
+            move(c.from_client, c.to_server, SIZE_MAX, -1, 0);
+            server_pump(&c);
+            client_pump(&c);
+            break;
+        case 3: { /* one byte of the ciphertext changed */
+            int at = (int)take_byte(&in);
+            uint8_t with = (uint8_t)(take_byte(&in) | 1);
+            if (BIO_ctrl_pending(c.from_client) > (size_t)at)
+                clean = 0;
+            move(c.from_client, c.to_server, SIZE_MAX, at, with);
+            server_pump(&c);
+            client_pump(&c);
+            break;
+        }
+        case 4: { /* raw bytes between (or inside) records */
+            size_t len = take_byte(&in) % 64;
+            const uint8_t *p = take(&in, &len);
+            if (len) {
+                clean = 0;
+                check(BIO_write(c.to_server, p, (int)len) == (int)len, "BIO_write");
+                server_pump(&c);
+                client_pump(&c);
+            }
+            break;
+        }
+        case 5: /* TLS 1.3 key update; TLS 1.2 renegotiation (refused) */
+            if (SSL_is_init_finished(c.client)) {
+                if (tls13) {
+                    (void)SSL_key_update(c.client, SSL_KEY_UPDATE_REQUESTED);
+                } else {
+                    clean = 0;
+                    (void)SSL_renegotiate(c.client);
+                }
+                (void)SSL_do_handshake(c.client);
+                ERR_clear_error();
+            }
+            break;
+        case 6: /* close_notify */
+            clean = 0;
+            (void)SSL_shutdown(c.client);
+            ERR_clear_error();
+            break;
+        case 7: /* the server answers (its write buffer taken and released) */
+            if (!c.server_dead && SSL_is_init_finished(c.server)) {
+                static const uint8_t ready[] = {'Z', 0, 0, 0, 5, 'I'};
+                (void)SSL_write(c.server, ready, sizeof ready);
+                ERR_clear_error();
+                client_pump(&c);
+            }
+            break;
+        case 8: { /* a Query spanning several records */
+            size_t body = 1 + (size_t)take_byte(&in) * 256;
+            uint8_t *q = malloc(body + 5);
+            check(q != NULL, "malloc");
+            q[0] = 'Q';
+            q[1] = (uint8_t)((body + 4) >> 24);
+            q[2] = (uint8_t)((body + 4) >> 16);
+            q[3] = (uint8_t)((body + 4) >> 8);
+            q[4] = (uint8_t)(body + 4);
+            memset(q + 5, 'x', body - 1);
+            q[body + 4] = 0;
+            client_write(&c, q, body + 5);
+            free(q);
+            break;
+        }
+        default: /* the client reads what the server sent */
+            client_pump(&c);
+            break;
+        }
+    }
+    /* Everything still in flight arrives; in a clean exchange, all of it. */
+    for (int round = 0; round < 4; round++) {
+        move(c.from_client, c.to_server, SIZE_MAX, -1, 0);
+        server_pump(&c);
+        client_pump(&c);
+    }
+    if (clean && !c.server_dead && SSL_is_init_finished(c.server))
+        check(c.received == c.written_len, "a clean exchange lost bytes");
+
+    /* The tracker fed in SSL_read pieces agrees with one fed it all at once. */
+    pgw_frontend whole;
+    pgw_frontend_init(&whole);
+    pgw_frontend_feed(&whole, c.written, c.received);
+    check(whole.requests == c.tracker.requests, "tracker requests");
+    check(whole.unsynced == c.tracker.unsynced, "tracker unsynced");
+    check(whole.terminated == c.tracker.terminated, "tracker terminated");
+    check(whole.f.broken == c.tracker.f.broken, "tracker broken");
+    if (!whole.f.broken) {
+        check(whole.f.last_type == c.tracker.f.last_type, "tracker last_type");
+        check(pgw_at_boundary(&whole.f) == pgw_at_boundary(&c.tracker.f), "tracker boundary");
+    }
+
+    SSL_free(c.server);
+    SSL_free(c.client);
+    free(c.choice.server_name);
+    free(c.written);
+    ERR_clear_error();
+    return 0;
+}
