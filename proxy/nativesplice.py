@@ -78,6 +78,11 @@ _GONE = EngineState(0, b"I", 0, 0, False, False, False, False, False, True,
                     True, True, _READY, 0.0, 0, 0, 0)
 
 
+# A session before its first phase: right after the login's ReadyForQuery.
+_FRESH = EngineState(0, b"I", 0, 0, False, False, False, False, False, False,
+                     True, True, _READY, 0.0, 0, 0, 0)
+
+
 class FrontendView:
     """The client side's tracker as the registry reads it, whichever phase runs."""
 
@@ -148,7 +153,8 @@ class NativeSplice:
         self._bytes_client = 0
         self._bytes_compute = 0
         self._final: EngineState | None = None
-        self._last_state = _GONE
+        # Where the engine left the session: what it reads as between two phases.
+        self._last_state = _FRESH
         self.query_running_at_end = False
         self.error_sent: str | None = None
         self.client_terminated = False
@@ -160,6 +166,8 @@ class NativeSplice:
     def state(self) -> EngineState:
         if self._final is not None:
             return self._final
+        if not self._native:
+            return self._last_state
         try:
             return EngineState.read(self.engine.state(self.client.conn_id))
         except ValueError:
@@ -169,19 +177,20 @@ class NativeSplice:
     def requests(self) -> int:
         if self.python is not None:
             return self._requests_base + self.python.frontend.requests
+        # Between phases the engine's count is in the base already.
         return self._requests_base + (self.state().requests if self._native else 0)
 
     @property
     def outstanding(self) -> bool:
         if self.python is not None:
             return self.python.outstanding
-        return self._native and self.state().outstanding
+        return self.state().outstanding
 
     @property
     def idle(self) -> bool:
         if self.python is not None:
             return self.python.idle
-        return self._native and self.state().idle
+        return self.state().idle
 
     @property
     def client_active_at(self) -> float:
@@ -247,7 +256,7 @@ class NativeSplice:
         self._yield_asked = 0
         try:
             self.engine.splice(self.client.conn_id, fd, to_client, self._flags(), status[0])
-        except ValueError:
+        except (ValueError, RuntimeError):
             # The client left during the handover: nothing to splice.
             self._native = False
             self.client.splicing = False
@@ -270,7 +279,9 @@ class NativeSplice:
         if order[when] <= self._yield_asked:
             return
         self._yield_asked = order[when]
-        with contextlib.suppress(ValueError):
+        # ValueError/RuntimeError: the engine already left SPLICE mode (the client or
+        # the compute went); the event that says so is on its way and ends the session.
+        with contextlib.suppress(ValueError, RuntimeError):
             self.engine.request_yield(self.client.conn_id, when)
 
     def _on_event(self, kind: int, payload: Any) -> None:
@@ -290,6 +301,7 @@ class NativeSplice:
         """The engine stopped splicing: keep its counters, they restart next time."""
         state = self.state()
         self._native = False
+        self.client.splicing = False
         self._yield_asked = 0
         self._last_state = state
         self._requests_base += state.requests
@@ -387,6 +399,16 @@ class NativeSplice:
         self._final = state
         client = self.client
         self.client_terminated = state.terminated
+        if self._end_error and closed_by == "compute":
+            # Ending (a drain) when the compute went first: the proxy's words, as the
+            # Python splice would have sent them a moment earlier.
+            self.query_running_at_end = state.outstanding
+            if state.back_at_boundary and not state.terminated and not client.is_closing():
+                client.write(self._end_error)
+                self.error_sent = "ended"
+            client.close()
+            self._set_done("proxy")
+            return
         if (
             closed_by == "compute" and self.park is not None and state.idle
             and not state.terminated and not client.is_closing() and self.park[1](self)

@@ -75,14 +75,14 @@ class NativeTransport(asyncio.Transport):
     def _lost(self, reason: Any) -> None:
         if self._closed:
             return
+        asked = self._closing  # Python closed it: a plain end, not an error
         self._closed = self._closing = True
         self.plane.unregister(self.conn_id)
         if not self.ready.done():
             self.ready.set_exception(ConnectionResetError(str(reason or "closed")))
             self.ready.exception()  # retrieved: the handshake may have stopped waiting
         if self._protocol is not None:
-            exc = None if self._closing and reason in (None, "", "closed") else (
-                ConnectionResetError(str(reason)))
+            exc = None if asked or not reason else ConnectionResetError(str(reason))
             self._protocol.connection_lost(exc)
 
     def _deliver(self) -> None:
@@ -90,8 +90,8 @@ class NativeTransport(asyncio.Transport):
         while self._reading and self._readable and not self._closing and not self.splicing:
             try:
                 data = self.engine.read(self.conn_id)
-            except ValueError:
-                return  # gone meanwhile: CLOSED is on its way
+            except (ValueError, RuntimeError):
+                return  # gone or handed over meanwhile: the event saying so is on its way
             if data is None:
                 self._readable = False
                 protocol = self._protocol
@@ -124,7 +124,7 @@ class NativeTransport(asyncio.Transport):
         if self._reading and not self._closing:
             self._reading = False
             if not self.splicing:
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RuntimeError):
                     self.engine.pause(self.conn_id, True)
 
     def resume_reading(self) -> None:
@@ -132,7 +132,7 @@ class NativeTransport(asyncio.Transport):
             return
         self._reading = True
         if not self.splicing:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RuntimeError):
                 self.engine.pause(self.conn_id, False)
         if self._readable:
             self._loop.call_soon(self._deliver)
@@ -142,8 +142,8 @@ class NativeTransport(asyncio.Transport):
             return
         try:
             queued = self.engine.write(self.conn_id, bytes(data))
-        except ValueError:
-            return
+        except (ValueError, RuntimeError):
+            return  # the connection is ending: nobody reads this any more
         if queued > self._high and not self._write_paused and self._protocol is not None:
             self._write_paused = True
             self._protocol.pause_writing()
@@ -164,21 +164,21 @@ class NativeTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         try:
             return int(self.engine.state(self.conn_id)[16])
-        except ValueError:
+        except (ValueError, RuntimeError):
             return 0
 
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RuntimeError):
             self.engine.close(self.conn_id, False)
 
     def abort(self) -> None:
         if self._closed:
             return
         self._closing = True
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RuntimeError):
             self.engine.close(self.conn_id, True)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
