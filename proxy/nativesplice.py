@@ -56,10 +56,13 @@ class EngineState:
     bytes_from_client: int
     bytes_from_compute: int
     client_queued: int
+    # Where the client stream is inside a message (body bytes to come, a partial header).
+    front_skip: int = 0
+    front_head: bytes = b""
 
     @classmethod
     def read(cls, raw: tuple[Any, ...]) -> EngineState:
-        values = list(raw[:17])
+        values = list(raw[:19])
         values[1] = bytes([values[1]]) if isinstance(values[1], int) else values[1]
         return cls(*values)
 
@@ -344,6 +347,11 @@ class NativeSplice:
             front, back = py.frontend, py.backend
             front.requests = seed.requests - seed.ready_count
             front.unsynced = seed.unsynced
+            # Yielded at a compute boundary, the client may be inside a message.
+            front._skip, front._head = seed.front_skip, seed.front_head
+            front.broken, back.broken = seed.front_broken, seed.back_broken
+            front._pending = bool(seed.front_skip or seed.front_head or seed.front_broken)
+            back._pending = seed.back_broken
             back.status, back.copying, back.fatal = seed.status, seed.copying, seed.fatal
             back.last_type = seed.back_last_type
         py.handback = lambda: self._handback(py)

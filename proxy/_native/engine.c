@@ -676,6 +676,9 @@ int pgw_engine_state(pgw_engine *e, uint64_t id, pgw_state *s) {
     s->bytes_from_client = c->bytes_from_client;
     s->bytes_from_compute = c->bytes_from_compute;
     s->client_queued = c->to_client.len;
+    s->front_skip = c->front.f.skip;
+    s->front_head_len = c->front.f.head_len;
+    memcpy(s->front_head, c->front.f.head, sizeof s->front_head);
     pthread_mutex_unlock(&c->mu);
     return PGW_OK;
 }

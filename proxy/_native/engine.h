@@ -75,6 +75,12 @@ typedef struct {
     double last_client_activity;
     uint64_t bytes_from_client, bytes_from_compute;
     uint64_t client_queued;
+    /* The client stream's place inside a message (a yield at a compute boundary
+     * can find the client mid-message): body bytes still to come, and a partial
+     * header. Python's tracker resumes from them. */
+    uint32_t front_skip;
+    uint8_t front_head_len;
+    uint8_t front_head[4];
 } pgw_state;
 
 typedef struct pgw_engine pgw_engine;

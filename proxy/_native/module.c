@@ -386,7 +386,7 @@ static PyObject *Engine_state(EngineObject *self, PyObject *arg) {
     Py_END_ALLOW_THREADS
     if (rc)
         return raise_code(rc);
-    return Py_BuildValue("(iiKKNNNNNNNNidKKK)", s.mode, s.status,
+    return Py_BuildValue("(iiKKNNNNNNNNidKKKIy#)", s.mode, s.status,
                          (unsigned long long)s.ready_count, (unsigned long long)s.requests,
                          PyBool_FromLong(s.unsynced), PyBool_FromLong(s.copying),
                          PyBool_FromLong(s.fatal), PyBool_FromLong(s.front_broken),
@@ -395,7 +395,8 @@ static PyObject *Engine_state(EngineObject *self, PyObject *arg) {
                          s.back_last_type, s.last_client_activity,
                          (unsigned long long)s.bytes_from_client,
                          (unsigned long long)s.bytes_from_compute,
-                         (unsigned long long)s.client_queued);
+                         (unsigned long long)s.client_queued, (unsigned int)s.front_skip,
+                         (const char *)s.front_head, (Py_ssize_t)s.front_head_len);
 }
 
 static PyObject *Engine_close(EngineObject *self, PyObject *args, PyObject *kwds) {

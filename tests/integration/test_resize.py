@@ -18,7 +18,7 @@ import pytest
 
 from pgwake.up import Up
 from tests.helpers import proxy_settings, run, running_up
-from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
+from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint, Resize
 from wakeup.provisioners.base import ProvisionerError, Tier
 from wakeup.provisioners.local import LocalProvisioner
 from wakeup.sizes import size_class_of
@@ -294,7 +294,10 @@ async def test_never_two_writers_under_racing_resize_wake_suspend(rstack: Up) ->
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
     final = await client.get_endpoint(ep.id)
-    assert final.generation == 1 + len(sizes)
+    # The resizes run one at a time in whatever order they arrive; one that finds the
+    # endpoint at its size already is a no-op (no new generation).
+    changed = [r for r in results if isinstance(r, Resize) and r.previous_size != r.size]
+    assert final.generation == 1 + len(changed)
     assert final.state in ("active", "suspended")
     assert await show(ep.url_no_sni, "shared_buffers") == size_class_of(final.size).shared_buffers
     stored = await psql(ep.url_no_sni, "select string_agg(v::text, ',') from w")
@@ -393,6 +396,9 @@ async def test_restart_during_a_handoff_leaves_no_postmaster_behind(rstack: Up) 
     compute_id = await compute_id_of(rstack, ep.id)
     pgdata = pgdata_of(rstack, compute_id)
     async with await psycopg.AsyncConnection.connect(ep.url_no_sni) as held:
+        # In a transaction, so pinned: an idle movable session would park and move on
+        # (once surveyed, which takes a second: that would make the test one of timing).
+        await held.execute("select 1")
         await plane.store.set_state(ep.id, State.HANDOFF)
         assert await plane.provisioner.refuse_new_connections(compute_id)
         info = plane.provisioner.live_postmaster(compute_id, Tier.DURABLE)
