@@ -69,9 +69,13 @@ def fail_of(tracker: Any, chunk: bytes) -> tuple[type, str, str] | None:
 def compare(c_tracker: Any, py_tracker: Any, chunks: list[bytes], attrs: tuple[str, ...]) -> None:
     assert snapshot(c_tracker, attrs) == snapshot(py_tracker, attrs)
     for i, chunk in enumerate(chunks):
-        where = f"after chunk {i} of {[len(c) for c in chunks]}: {chunk!r}"
-        assert fail_of(c_tracker, chunk) == fail_of(py_tracker, chunk), where
-        assert snapshot(c_tracker, attrs) == snapshot(py_tracker, attrs), where
+        c_fail, py_fail = fail_of(c_tracker, chunk), fail_of(py_tracker, chunk)
+        c_state, py_state = snapshot(c_tracker, attrs), snapshot(py_tracker, attrs)
+        if c_fail != py_fail or c_state != py_state:
+            raise AssertionError(
+                f"after chunk {i} of {[len(c) for c in chunks]} ({chunk[:200]!r}): "
+                f"C {c_fail} {c_state} != Python {py_fail} {py_state}"
+            )
 
 
 def compare_backend(c: ModuleType, chunks: list[bytes]) -> None:
