@@ -260,3 +260,18 @@ def test_fuzz_tls(tmp_path: Path) -> None:
     # Whole sessions from the start: libFuzzer's slowly growing length limit
     # would otherwise keep the mutations shorter than one handshake for a while.
     run_fuzzer(binary, corpus, tmp_path, "-len_control=0", "-max_len=2048")
+
+
+def main(argv: list[str]) -> None:
+    """`python -m tests.native.test_fuzz DIR`: the seed corpora, for longer runs by hand
+    (DIR/tracker and DIR/tls; see the build lines at the top of each fuzz_*.c)."""
+    (out,) = argv
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_corpus(Path(out) / "tracker", tracker_seeds())
+    write_corpus(Path(out) / "tls", tls_seeds())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
