@@ -373,27 +373,47 @@ class ControlPlane:
         return await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))
 
     async def _start(self, endpoint: EndpointRow, *, counted: bool) -> EndpointRow:
-        """Start the endpoint's compute; the caller holds the endpoint's lock."""
+        """Start the endpoint's compute; the caller holds the endpoint's lock.
+
+        Most of a wake is the postmaster booting, with nothing for the control plane
+        to do, so the control DB's share that needs no postmaster (STARTING, the
+        config version the compute has applied) runs meanwhile; only the record of
+        the address waits for it to be ready.
+        """
         assert endpoint.compute_id is not None
-        tier = Tier(endpoint.tier)
-        await self.store.set_state(endpoint.id, State.STARTING)
+        compute_id = endpoint.compute_id
         phase = self.metrics.wake_phase
+        preparing = asyncio.ensure_future(self._prepare_start(endpoint))
         try:
             with phase.labels("start").time():
-                address = await self.provisioner.start(
-                    endpoint.compute_id, tier, size=size_class_of(endpoint.size)
+                address, applied = await asyncio.gather(
+                    self.provisioner.start(
+                        compute_id, Tier(endpoint.tier), size=size_class_of(endpoint.size)
+                    ),
+                    preparing,
                 )
             with phase.labels("config").time():
-                await self._apply_config_if_changed(endpoint)
+                if applied != endpoint.config_version:
+                    await self._apply_config(endpoint)
         except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
             log.error("starting compute for %s failed: %s", endpoint.id, exc)
-            await self.provisioner.stop(endpoint.compute_id)
-            await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
+            # STARTING, if it is still being written, lands before the failure's record.
+            await asyncio.wait({preparing})
+            await self.provisioner.stop(compute_id)
+            await self.store.mark_suspended(endpoint.id, compute_id)
             raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc
         with phase.labels("record").time():
             return await self.store.mark_started(
-                endpoint.id, endpoint.compute_id, str(address), counted=counted
+                endpoint.id, compute_id, str(address), counted=counted
             )
+
+    async def _prepare_start(self, endpoint: EndpointRow) -> int | None:
+        """What a start records and reads before it needs the postmaster: the STARTING
+        state, and the config version the compute has applied (None: none)."""
+        assert endpoint.compute_id is not None
+        await self.store.set_state(endpoint.id, State.STARTING)
+        compute = await self.store.get_compute(endpoint.compute_id)
+        return None if compute is None else compute.applied_config_version
 
     async def apply_config_if_changed(self, endpoint: EndpointRow) -> None:
         await self._apply_config_if_changed(endpoint)
@@ -403,6 +423,10 @@ class ControlPlane:
         compute = await self.store.get_compute(endpoint.compute_id)
         if compute is not None and compute.applied_config_version == endpoint.config_version:
             return
+        await self._apply_config(endpoint)
+
+    async def _apply_config(self, endpoint: EndpointRow) -> None:
+        assert endpoint.compute_id is not None
         await apply_config(
             self.provisioner.admin_target(endpoint.compute_id, Tier(endpoint.tier)),
             database=endpoint.database,
