@@ -71,6 +71,18 @@ class EndpointReady:
 
 
 @dataclass(frozen=True)
+class EndpointWoken:
+    """A compute a start has just made ready (config applied): pushed to the proxies while
+    the control DB records the start, so the proxy waiting on the wake lets its client in
+    without waiting for that record and for the control API's answer to travel back."""
+
+    endpoint_id: str
+    address: ComputeAddress
+    generation: int
+    budget: int  # client sessions the compute admits, as in the wake answer
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
@@ -125,6 +137,9 @@ class ControlPlane:
         # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
         # new endpoint's first connect makes no control-API call.
         self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
+        # Called when a start has made an endpoint's compute ready, before the control DB
+        # records it: the in-process proxy's cache (`pgwake up`), Redis for the others.
+        self.woken_listeners: list[Callable[[EndpointWoken], Awaitable[None]]] = []
         # Called with (endpoint, role, verifier) when a password changes: a proxy that
         # was handed the old verifier at creation must not keep checking against it.
         self.verifier_listeners: list[Callable[[str, str, str], Awaitable[None]]] = []
@@ -402,10 +417,22 @@ class ControlPlane:
             await self.provisioner.stop(compute_id)
             await self.store.mark_suspended(endpoint.id, compute_id)
             raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc
+        woken = EndpointWoken(endpoint.id, address, endpoint.generation, self._budget(endpoint))
         with phase.labels("record").time():
-            return await self.store.mark_started(
-                endpoint.id, compute_id, str(address), counted=counted
+            # The lock stays held until the record is in, so whatever comes next for the
+            # endpoint (a suspend, another wake) sees it active.
+            recorded, _ = await asyncio.gather(
+                self.store.mark_started(endpoint.id, compute_id, str(address), counted=counted),
+                self._tell_woken(woken),
             )
+        return recorded
+
+    async def _tell_woken(self, woken: EndpointWoken) -> None:
+        for listener in self.woken_listeners:
+            try:
+                await listener(woken)
+            except Exception as exc:  # the proxy that asked still gets the API's answer
+                log.warning("wake of %s not pushed to proxies: %r", woken.endpoint_id, exc)
 
     async def _prepare_start(self, endpoint: EndpointRow) -> int | None:
         """What a start records and reads before it needs the postmaster: the STARTING

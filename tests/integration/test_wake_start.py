@@ -1,8 +1,11 @@
 """A suspended endpoint's start: how the compute is spawned (as whom, without copying pgwake's
-memory) and what the control DB says about it once the start succeeded or failed."""
+memory), what the control DB says about it once the start succeeded or failed, and how the
+address reaches the proxy that asked (pushed once the compute is ready, ahead of the answer)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -12,8 +15,14 @@ import psycopg
 import pytest
 
 from pgwake.up import Up
-from tests.helpers import run
-from wakeup.api import ControlAPIError, CreatedEndpoint
+from tests.helpers import run, running_up
+from tests.integration.test_shared_state import (  # noqa: F401 (fixtures)
+    rstack,
+    select_one,
+    side_proxy,
+)
+from tests.servers import free_port
+from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
 from wakeup.provisioners.base import Tier
 from wakeup.provisioners.local import LocalProvisioner
 from wakeup.provisioners.pgbin import RunAs, resolve_run_as
@@ -150,3 +159,118 @@ async def test_a_start_that_fails_leaves_the_endpoint_suspended_and_the_next_one
     compute = await control.store.get_compute(row.compute_id)
     assert compute is not None and (compute.state, compute.address) == ("running", woken.address)
     assert await first_row(stack, ep) == (1,)
+
+
+class AnswerHoldingRelay:
+    """A TCP relay in front of the real control API that passes requests at once but
+    holds the answer on any connection that asked for a wake, until `release` is set."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.release = asyncio.Event()
+        self.holding = 0  # wake answers waiting for `release` right now
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.add(up_writer)
+        asked_wake = False
+
+        async def requests() -> None:
+            nonlocal asked_wake
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    asked_wake = asked_wake or b"/wake " in data
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.close()
+
+        async def answers() -> None:
+            with contextlib.suppress(OSError):
+                while data := await up_reader.read(65536):
+                    if asked_wake and not self.release.is_set():
+                        self.holding += 1
+                        try:
+                            await self.release.wait()
+                        finally:
+                            self.holding -= 1
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(requests(), answers())
+        finally:
+            self.writers.discard(writer)
+            self.writers.discard(up_writer)
+
+
+async def test_a_woken_address_reaches_the_in_process_proxy_before_the_wake_answer(
+    pg_bin: Path,
+) -> None:
+    """The compute is ready before the control DB has recorded it and before the control
+    API's answer has travelled back: the proxy of `pgwake up` is told at once and lets
+    its client in. Here the answer is held until the client has its first row, so the
+    connect can only succeed through the push."""
+    async with running_up("pgwake-push-", pg_bin) as up:
+        assert up.client is not None and up.control is not None and up.proxy is not None
+        relay = AnswerHoldingRelay(up.control.api_port)
+        await relay.start()
+        key = (up.settings.data_dir / "api_key").read_text().strip()
+        wake = up.proxy.state.wake
+        direct, wake.control = wake.control, ControlClient(f"http://127.0.0.1:{relay.port}", key)
+        try:
+            ep = await up.client.create_endpoint()
+            await up.client.suspend(ep.id)
+            async with asyncio.timeout(60):  # only a broken push gets here
+                assert await first_row(up, ep) == (1,)
+            assert relay.holding == 1  # the control API's answer is still on its way
+            assert wake.wake_calls == 1
+            shown = await up.client.get_endpoint(ep.id)
+            assert shown.state == "active"
+        finally:
+            relay.release.set()
+            await wake.control.aclose()
+            wake.control = direct
+            await relay.stop()
+
+
+async def test_a_woken_address_reaches_a_split_proxy_through_redis_before_the_wake_answer(
+    rstack: Up,  # noqa: F811
+) -> None:
+    """The same for a proxy in another process: the control plane puts the woken address
+    in Redis and says so on the channel, and the proxy waiting on its wake call takes it."""
+    assert rstack.client is not None and rstack.control is not None
+    relay = AnswerHoldingRelay(rstack.control.api_port)
+    await relay.start()
+    key = (rstack.settings.data_dir / "api_key").read_text().strip()
+    control = ControlClient(f"http://127.0.0.1:{relay.port}", key)
+    proxy = await side_proxy(rstack, control, redis_url=rstack.settings.redis_url)
+    try:
+        ep = await rstack.client.create_endpoint()
+        await select_one(proxy.port, ep)  # the verifier is in this proxy's cache now
+        await rstack.client.suspend(ep.id)
+        async with asyncio.timeout(60):  # only a broken push gets here
+            await select_one(proxy.port, ep)
+        assert relay.holding == 1
+        assert proxy.state.wake.wake_calls == 1
+        cached = await proxy.shared.get_address(ep.id)
+        assert cached is not None and cached.budget is not None
+    finally:
+        relay.release.set()
+        await proxy.drain(timeout=2.0)
+        await control.aclose()
+        await relay.stop()
