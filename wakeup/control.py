@@ -399,21 +399,20 @@ class ControlPlane:
         compute_id = endpoint.compute_id
         phase = self.metrics.wake_phase
         preparing = asyncio.ensure_future(self._prepare_start(endpoint))
+        starting = asyncio.ensure_future(self.provisioner.start(
+            compute_id, Tier(endpoint.tier), size=size_class_of(endpoint.size)
+        ))
         try:
             with phase.labels("start").time():
-                address, applied = await asyncio.gather(
-                    self.provisioner.start(
-                        compute_id, Tier(endpoint.tier), size=size_class_of(endpoint.size)
-                    ),
-                    preparing,
-                )
+                address, applied = await asyncio.gather(starting, preparing)
             with phase.labels("config").time():
                 if applied != endpoint.config_version:
                     await self._apply_config(endpoint)
         except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
             log.error("starting compute for %s failed: %s", endpoint.id, exc)
-            # STARTING, if it is still being written, lands before the failure's record.
-            await asyncio.wait({preparing})
+            # Both settled first: STARTING lands before the failure's record, and a compute
+            # that went on starting (the control DB failed) is stopped, not left running.
+            await asyncio.wait({preparing, starting})
             await self.provisioner.stop(compute_id)
             await self.store.mark_suspended(endpoint.id, compute_id)
             raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc

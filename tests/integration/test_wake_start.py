@@ -274,3 +274,44 @@ async def test_a_woken_address_reaches_a_split_proxy_through_redis_before_the_wa
         await proxy.drain(timeout=2.0)
         await control.aclose()
         await relay.stop()
+
+
+REFUSE_STARTING = """
+create or replace function pgwake_test_refuse_starting() returns trigger
+language plpgsql as $$
+begin
+    if new.id = tg_argv[0] and new.state = 'starting' then
+        raise exception 'the test refuses this write';
+    end if;
+    return new;
+end $$;
+create trigger pgwake_test_refuse_starting before update on endpoints for each row
+    execute function pgwake_test_refuse_starting('{endpoint}');
+"""
+
+
+async def test_a_control_db_failure_during_the_boot_leaves_no_compute_running(
+    stack: Up,
+) -> None:
+    """The control DB's share of a start runs while postgres boots; when it fails, the
+    compute that went on starting is stopped rather than left running unrecorded."""
+    assert stack.client is not None and stack.control is not None
+    control = stack.control.control
+    assert control is not None and control.store is not None
+    ep = await stack.client.create_endpoint()
+    await stack.client.suspend(ep.id)
+    data = await compute_pgdata(stack, ep.id)
+    await control.store.pool.execute(REFUSE_STARTING.format(endpoint=ep.id))
+    try:
+        with pytest.raises(ControlAPIError) as failed:
+            await stack.client.wake(ep.id)
+        assert failed.value.code == "wake_failed"
+        assert read_postmaster_pid(data) is None  # stopped, not left behind
+        row = await control.store.get_endpoint(ep.id)
+        assert row is not None and row.state is State.SUSPENDED
+    finally:
+        await control.store.pool.execute(
+            "drop trigger pgwake_test_refuse_starting on endpoints"
+        )
+    assert (await stack.client.wake(ep.id)).cold_start == "resumed"
+    assert await first_row(stack, ep) == (1,)
