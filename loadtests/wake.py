@@ -1,6 +1,9 @@
 """Wake latency: suspended → connect → first row through pgwake, next to a raw PostgreSQL
-start on the same data directory (interleaved in one run); and the 500-client herd on one
-suspended endpoint through two `pgwake proxy` processes sharing a real Redis.
+start on the same data directory (interleaved in one run; twice: with the directory's own
+config, and with the compute's size-class settings, which boot faster); and the
+500-client herd on one suspended endpoint through two `pgwake proxy` processes sharing a
+real Redis. The raw starts spawn postgres as pgwake does (through setpriv when root), and
+their client is plaintext: the wake's figure includes TLS to the proxy, theirs none.
 
 The suspended connects are measured by a separate user process (psycopg over TLS,
 url_no_sni), alternating with the harness's own client, on a stack with default
