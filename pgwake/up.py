@@ -22,7 +22,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from tls.context import ServerTLS
 from wakeup.api import ControlClient
-from wakeup.control import ControlSettings, EndpointReady
+from wakeup.control import ControlSettings, EndpointReady, EndpointWoken
 from wakeup.pool import PoolKey, PoolSettings
 from wakeup.provisioners.base import Tier
 from wakeup.provisioners.kubernetes import KubernetesSettings
@@ -159,6 +159,11 @@ class Up:
 
             assert self.control.control is not None
             self.control.control.ready_listeners.append(ready)
+
+            async def woken(w: EndpointWoken) -> None:
+                await proxy.state.wake.prime(w.endpoint_id, w.address, w.generation, w.budget)
+
+            self.control.control.woken_listeners.append(woken)
 
             async def new_verifier(endpoint_id: str, role: str, verifier: str) -> None:
                 proxy.state.roles.put(endpoint_id, role, verifier)

@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import ClientError, Kind, control_plane_unavailable
 from proxy.settings import ProxySettings
@@ -74,6 +75,8 @@ class WakeClient:
         # endpoint's entry is renewed before it expires, never waited for).
         self._refresh_at: dict[str, float] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # Wake calls still awaiting the control API's answer after the address was pushed.
+        self._answering: set[asyncio.Future[Woken]] = set()
 
     async def address(self, endpoint_id: str, *, timeout: float) -> Woken:
         cached = await self.shared.get_address(endpoint_id)
@@ -125,7 +128,7 @@ class WakeClient:
                     if cached is not None:
                         return _cached(cached)
                     await self._rate_limit(endpoint_id, deadline)
-                    return await self._call_control(endpoint_id, deadline)
+                    return await self._ask_control(endpoint_id, deadline, woken_event)
                 finally:
                     await self.shared.unlock(endpoint_id, token)
             cached = await self.shared.get_address(endpoint_id)
@@ -161,6 +164,40 @@ class WakeClient:
                         hint="Retry the connection.",
                     )
                 await asyncio.sleep(wait)  # pacing by design: the bucket refills with time
+
+    async def _ask_control(
+        self, endpoint_id: str, deadline: float, pushed: asyncio.Event
+    ) -> Woken:
+        """The control API's answer to a wake, or the address the control plane pushes
+        once the compute is ready (before it records the start and answers), whichever
+        comes first. A pushed address leaves the call to finish in the background."""
+        call = asyncio.ensure_future(self._call_control(endpoint_id, deadline))
+        try:
+            while True:
+                announced = asyncio.ensure_future(pushed.wait())
+                try:
+                    await asyncio.wait({call, announced}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    announced.cancel()
+                if call.done():
+                    return call.result()
+                cached = await self.shared.get_address(endpoint_id)
+                if cached is not None:
+                    self._answering.add(call)
+                    call.add_done_callback(self._answered)
+                    return Woken(cached.address, "resumed", cached.generation, cached.budget)
+                pushed = self.shared.waiter(endpoint_id)  # news of something else: wait on
+        except BaseException:
+            if not call.done():
+                call.cancel()
+            raise
+
+    def _answered(self, call: asyncio.Task[Woken] | asyncio.Future[Woken]) -> None:
+        """The control API's late answer to a wake whose address was pushed first: it
+        refreshed the cache; a failure is news only for the log."""
+        self._answering.discard(call)
+        if not call.cancelled() and (exc := call.exception()) is not None:
+            log.info("late answer to a pushed wake failed: %s", exc)
 
     async def _call_control(self, endpoint_id: str, deadline: float) -> Woken:
         self.wake_calls += 1
@@ -230,10 +267,13 @@ class WakeClient:
             # The entry stays until its TTL; the next connect after that wakes as usual.
             log.info("refresh of %s's address failed: %s", endpoint_id, exc)
 
-    async def prime(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
-        """An address the control plane pushed (a new endpoint): no wake call on first
-        connect."""
-        await self._put(endpoint_id, address, generation)
+    async def prime(
+        self, endpoint_id: str, address: ComputeAddress, generation: int,
+        budget: int | None = None,
+    ) -> None:
+        """An address the control plane pushed (a new endpoint, a compute just woken): no
+        wake call on first connect, and a wake in flight need not await its answer."""
+        await self._put(endpoint_id, address, generation, budget)
 
     async def invalidate(self, endpoint_id: str) -> None:
         self._refresh_at.pop(endpoint_id, None)
@@ -250,7 +290,9 @@ class WakeClient:
 
 
     async def close(self) -> None:
-        tasks = [*self._inflight.values(), *self._refreshing.values()]
+        tasks: list[asyncio.Future[Any]] = [
+            *self._inflight.values(), *self._refreshing.values(), *self._answering
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

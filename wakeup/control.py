@@ -71,6 +71,18 @@ class EndpointReady:
 
 
 @dataclass(frozen=True)
+class EndpointWoken:
+    """A compute a start has just made ready (config applied): pushed to the proxies while
+    the control DB records the start, so the proxy waiting on the wake lets its client in
+    without waiting for that record and for the control API's answer to travel back."""
+
+    endpoint_id: str
+    address: ComputeAddress
+    generation: int
+    budget: int  # client sessions the compute admits, as in the wake answer
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     idle_timeout: float = 300.0
     ephemeral_ttl: float = 24 * 3600.0
@@ -125,6 +137,9 @@ class ControlPlane:
         # caches (`pgwake up`) and the shared state (Redis) are primed from it, so a
         # new endpoint's first connect makes no control-API call.
         self.ready_listeners: list[Callable[[EndpointReady], Awaitable[None]]] = []
+        # Called when a start has made an endpoint's compute ready, before the control DB
+        # records it: the in-process proxy's cache (`pgwake up`), Redis for the others.
+        self.woken_listeners: list[Callable[[EndpointWoken], Awaitable[None]]] = []
         # Called with (endpoint, role, verifier) when a password changes: a proxy that
         # was handed the old verifier at creation must not keep checking against it.
         self.verifier_listeners: list[Callable[[str, str, str], Awaitable[None]]] = []
@@ -373,27 +388,58 @@ class ControlPlane:
         return await self.provisioner.status(endpoint.compute_id, Tier(endpoint.tier))
 
     async def _start(self, endpoint: EndpointRow, *, counted: bool) -> EndpointRow:
-        """Start the endpoint's compute; the caller holds the endpoint's lock."""
+        """Start the endpoint's compute; the caller holds the endpoint's lock.
+
+        Most of a wake is the postmaster booting, with nothing for the control plane
+        to do, so the control DB's share that needs no postmaster (STARTING, the
+        config version the compute has applied) runs meanwhile; only the record of
+        the address waits for it to be ready.
+        """
         assert endpoint.compute_id is not None
-        tier = Tier(endpoint.tier)
-        await self.store.set_state(endpoint.id, State.STARTING)
+        compute_id = endpoint.compute_id
         phase = self.metrics.wake_phase
+        preparing = asyncio.ensure_future(self._prepare_start(endpoint))
+        starting = asyncio.ensure_future(self.provisioner.start(
+            compute_id, Tier(endpoint.tier), size=size_class_of(endpoint.size)
+        ))
         try:
             with phase.labels("start").time():
-                address = await self.provisioner.start(
-                    endpoint.compute_id, tier, size=size_class_of(endpoint.size)
-                )
+                address, applied = await asyncio.gather(starting, preparing)
             with phase.labels("config").time():
-                await self._apply_config_if_changed(endpoint)
+                if applied != endpoint.config_version:
+                    await self._apply_config(endpoint)
         except (ProvisionerError, OSError, asyncpg.PostgresError) as exc:
             log.error("starting compute for %s failed: %s", endpoint.id, exc)
-            await self.provisioner.stop(endpoint.compute_id)
-            await self.store.mark_suspended(endpoint.id, endpoint.compute_id)
+            # Both settled first: STARTING lands before the failure's record, and a compute
+            # that went on starting (the control DB failed) is stopped, not left running.
+            await asyncio.wait({preparing, starting})
+            await self.provisioner.stop(compute_id)
+            await self.store.mark_suspended(endpoint.id, compute_id)
             raise WakeFailed(f"could not start the compute of endpoint {endpoint.id}") from exc
+        woken = EndpointWoken(endpoint.id, address, endpoint.generation, self._budget(endpoint))
         with phase.labels("record").time():
-            return await self.store.mark_started(
-                endpoint.id, endpoint.compute_id, str(address), counted=counted
+            # The lock stays held until the record is in, so whatever comes next for the
+            # endpoint (a suspend, another wake) sees it active.
+            recorded, _ = await asyncio.gather(
+                self.store.mark_started(endpoint.id, compute_id, str(address), counted=counted),
+                self._tell_woken(woken),
             )
+        return recorded
+
+    async def _tell_woken(self, woken: EndpointWoken) -> None:
+        for listener in self.woken_listeners:
+            try:
+                await listener(woken)
+            except Exception as exc:  # the proxy that asked still gets the API's answer
+                log.warning("wake of %s not pushed to proxies: %r", woken.endpoint_id, exc)
+
+    async def _prepare_start(self, endpoint: EndpointRow) -> int | None:
+        """What a start records and reads before it needs the postmaster: the STARTING
+        state, and the config version the compute has applied (None: none)."""
+        assert endpoint.compute_id is not None
+        await self.store.set_state(endpoint.id, State.STARTING)
+        compute = await self.store.get_compute(endpoint.compute_id)
+        return None if compute is None else compute.applied_config_version
 
     async def apply_config_if_changed(self, endpoint: EndpointRow) -> None:
         await self._apply_config_if_changed(endpoint)
@@ -403,6 +449,10 @@ class ControlPlane:
         compute = await self.store.get_compute(endpoint.compute_id)
         if compute is not None and compute.applied_config_version == endpoint.config_version:
             return
+        await self._apply_config(endpoint)
+
+    async def _apply_config(self, endpoint: EndpointRow) -> None:
+        assert endpoint.compute_id is not None
         await apply_config(
             self.provisioner.admin_target(endpoint.compute_id, Tier(endpoint.tier)),
             database=endpoint.database,

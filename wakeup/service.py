@@ -16,7 +16,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from wakeup.control import ControlPlane, ControlSettings, EndpointReady
+from wakeup.control import ControlPlane, ControlSettings, EndpointReady, EndpointWoken
 from wakeup.controldb import EmbeddedControlDB
 from wakeup.invalidations import RedisInvalidations
 from wakeup.metrics import ControlMetrics
@@ -134,6 +134,13 @@ class ControlService:
                 )
 
             self.control.ready_listeners.append(announce)
+
+            async def announce_woken(woken: EndpointWoken) -> None:
+                await invalidations.announce(
+                    woken.endpoint_id, str(woken.address), woken.generation, woken.budget
+                )
+
+            self.control.woken_listeners.append(announce_woken)
         app = create_app(
             self.control,
             api_key=s.api_key,

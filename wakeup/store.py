@@ -223,18 +223,18 @@ class Store:
     async def mark_started(
         self, endpoint_id: str, compute_id: str, address: str, *, counted: bool
     ) -> EndpointRow:
-        """The compute answers: record where, count the wake, and restart the idle clock."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "update computes set state = 'running', address = $2, started_at = now()"
-                " where id = $1",
-                compute_id, address,
-            )
-            r = await conn.fetchrow(
-                "update endpoints set state = 'active', address = $2, last_active = now(),"
-                " wakes = wakes + $3 where id = $1 returning *",
-                endpoint_id, address, 1 if counted else 0,
-            )
+        """The compute answers: record where, count the wake, and restart the idle clock.
+
+        One statement (atomic by itself): on the wake path, between the postmaster
+        being ready and the client being let in, so one round trip, not four."""
+        r = await self.pool.fetchrow(
+            "with compute as ("
+            " update computes set state = 'running', address = $3, started_at = now()"
+            " where id = $2)"
+            " update endpoints set state = 'active', address = $3, last_active = now(),"
+            " wakes = wakes + $4 where id = $1 returning *",
+            endpoint_id, compute_id, address, 1 if counted else 0,
+        )
         return EndpointRow.from_record(r)
 
     async def mark_suspended(self, endpoint_id: str, compute_id: str | None) -> None:

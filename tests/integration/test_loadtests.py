@@ -62,6 +62,9 @@ async def test_connect_scenarios_quick(tmp_path: Path, scenario: str, result_fil
         stats = result["cold"]["stats"]
         assert stats["pgwake suspended (separate process)"]["n"] >= 1
         assert stats["raw postgres start"]["n"] >= 1
+        # And next to a raw start with the compute's own settings (its size class).
+        assert stats["raw postgres start, compute's settings"]["n"] >= 1
+        assert result["cold"]["p50_ratio_wake_vs_raw_start_compute_settings"] > 0
         assert "wake" in result["cold"]["wake_ready_parts_p50_ms"]
     if scenario == "herd":
         assert result["herd"]["errors"] == 0 and result["herd"]["wakes"] == 1

@@ -90,9 +90,23 @@ class RunAs:
     name: str
     uid: int
     gid: int
+    # util-linux's setpriv, which switches to the account and execs the program: a
+    # spawn that switches through it changes no ids itself, so Popen can vfork
+    # (see process.spawn). None where it is not installed.
+    setpriv: str | None = None
 
     def chown(self, path: Path) -> None:
         os.chown(path, self.uid, self.gid)
+
+    def switching(self, argv: list[str]) -> list[str]:
+        """`argv` run as this account by setpriv: real, effective and saved ids all
+        switched, no supplementary groups (what Popen's user=/group=/extra_groups=[]
+        do), and no capabilities left once postgres is exec'd."""
+        assert self.setpriv is not None
+        return [
+            self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            "--", *argv,
+        ]
 
 
 def resolve_run_as(preferred: str | None) -> RunAs | None:
@@ -111,7 +125,7 @@ def resolve_run_as(preferred: str | None) -> RunAs | None:
             continue
         if entry.pw_uid == 0:
             raise ProvisionerError(f"--run-as {name} is root; PostgreSQL refuses to run as root")
-        return RunAs(name, entry.pw_uid, entry.pw_gid)
+        return RunAs(name, entry.pw_uid, entry.pw_gid, shutil.which("setpriv"))
     name = candidates[-1]
     useradd = shutil.which("useradd")
     if useradd is None:
@@ -125,7 +139,7 @@ def resolve_run_as(preferred: str | None) -> RunAs | None:
         timeout=30,
     )
     entry = pwd.getpwnam(name)
-    return RunAs(name, entry.pw_uid, entry.pw_gid)
+    return RunAs(name, entry.pw_uid, entry.pw_gid, shutil.which("setpriv"))
 
 
 def check_reachable(path: Path, run_as: RunAs | None) -> None:
