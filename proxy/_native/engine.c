@@ -482,6 +482,8 @@ int pgw_engine_accept(pgw_engine *e, int fd, int tls, uint64_t *conn_id) {
     socket_options(fd);
     if (tls && !(c->ssl = pgw_tls_new_ssl(c->table, fd, &c->choice)))
         rc = PGW_ENOMEM;
+    if (c->ssl)
+        pgw_watch_short_reads(c->ssl, &c->tls_short);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (!rc && epoll_ctl(c->w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
         rc = PGW_ESYS;

@@ -43,6 +43,9 @@ typedef struct pgw_conn {
     uint32_t ssl_err;            /* the OpenSSL error code when cwhy is PGW_WHY_TLS */
     uint8_t mode, yield_when, splice_flags;
     uint8_t kicked;              /* under the worker's kick_mu, hence its own byte */
+    /* Set by the client's socket BIO when a read returned less than asked: with
+     * read-ahead OpenSSL asks for a whole buffer, so the socket was drained. */
+    uint8_t tls_short;
     /* Under `mu`. Readiness as epoll last reported it (edge-triggered: cleared
      * only when a call says it would block). */
     unsigned cr_ready : 1, cw_ready : 1, pr_ready : 1, pw_ready : 1;
@@ -54,6 +57,9 @@ typedef struct pgw_conn {
     unsigned cblock : 1, pblock : 1, client_hold : 1;
     unsigned close_req : 1, abort_req : 1, lingering : 1, dead : 1;
 } pgw_conn;
+
+/* Makes `flag` 1 whenever the SSL's socket BIO reads less than it asked for. */
+void pgw_watch_short_reads(SSL *ssl, uint8_t *flag);
 
 struct pgw_worker {
     pgw_engine *e;

@@ -117,16 +117,42 @@ static void tls_failed(pgw_conn *c, int ssl_error) {
     ERR_clear_error();
 }
 
+static long short_read_watch(BIO *b, int oper, const char *argp, size_t len, int argi,
+                             long argl, int ret, size_t *processed) {
+    (void)argp;
+    (void)argi;
+    (void)argl;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN) && ret > 0 && processed && *processed < len)
+        *(uint8_t *)BIO_get_callback_arg(b) = 1;
+    return ret;
+}
+
+void pgw_watch_short_reads(SSL *ssl, uint8_t *flag) {
+    BIO *rbio = SSL_get_rbio(ssl);
+    if (!rbio)
+        return;
+    BIO_set_callback_arg(rbio, (char *)flag);
+    BIO_set_callback_ex(rbio, short_read_watch);
+}
+
 /* Reads what the client has, up to `cap` bytes, into `buf`. Sets client_eof or
  * client_dead when the client ends; clears cr_ready when it would block. */
 static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     if (c->ssl) {
         /* One record per SSL_read: fill the buffer, so the peer gets one write. */
         size_t got = 0;
+        c->tls_short = 0;
         while (got < cap) {
             size_t r = 0;
             if (SSL_read_ex(c->ssl, buf + got, cap - got, &r)) {
                 got += r;
+                /* The socket was drained and OpenSSL holds nothing more: the
+                 * next bytes bring a new edge, so no read just to see EAGAIN
+                 * (one syscall per chunk). A reported FIN is read to its end. */
+                if (c->tls_short && !SSL_has_pending(c->ssl) && !c->c_hup) {
+                    c->cr_ready = 0;
+                    break;
+                }
                 continue;
             }
             int err = SSL_get_error(c->ssl, 0);
