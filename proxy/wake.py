@@ -230,10 +230,13 @@ class WakeClient:
             # The entry stays until its TTL; the next connect after that wakes as usual.
             log.info("refresh of %s's address failed: %s", endpoint_id, exc)
 
-    async def prime(self, endpoint_id: str, address: ComputeAddress, generation: int) -> None:
+    async def prime(
+        self, endpoint_id: str, address: ComputeAddress, generation: int,
+        budget: int | None = None,
+    ) -> None:
         """An address the control plane pushed (a new endpoint): no wake call on first
         connect."""
-        await self._put(endpoint_id, address, generation)
+        await self._put(endpoint_id, address, generation, budget)
 
     async def invalidate(self, endpoint_id: str) -> None:
         self._refresh_at.pop(endpoint_id, None)

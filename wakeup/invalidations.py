@@ -33,9 +33,12 @@ class RedisInvalidations:
         await self._redis.publish(INVALIDATION_CHANNEL, f"invalidate:{endpoint_id}")
         self.published += 1
 
-    async def announce(self, endpoint_id: str, address: str, generation: int) -> None:
-        """A new endpoint's address, in the shared cache before any proxy asks for it."""
-        body = json.dumps({"address": address, "generation": generation,
+    async def announce(
+        self, endpoint_id: str, address: str, generation: int, budget: int | None = None
+    ) -> None:
+        """A new endpoint's address (and its compute's connection budget), in the shared
+        cache before any proxy asks for it."""
+        body = json.dumps({"address": address, "generation": generation, "budget": budget,
                            "expires": time.time() + ANNOUNCED_ADDRESS_TTL})
         await self._redis.set(f"pgwake:addr:{endpoint_id}", body,
                               px=int(ANNOUNCED_ADDRESS_TTL * 1000))
