@@ -44,9 +44,14 @@ def free_port() -> int:
 
 
 class PgBouncer:
-    """PgBouncer in session mode in front of the compute (runs as the postgres user)."""
+    """PgBouncer in front of the compute (session mode unless told; runs as the postgres
+    user)."""
 
-    def __init__(self, stack: BenchStack, compute_port: int, password: str, user: str):
+    def __init__(self, stack: BenchStack, compute_port: int, password: str, user: str, *,
+                 pool_mode: str = "session", max_client_conn: int = 500, pool_size: int = 50):
+        self.pool_mode = pool_mode
+        self.max_client_conn = max_client_conn
+        self.pool_size = pool_size
         self.dir = stack.data_dir / "pgbouncer"
         self.port = free_port()
         self.compute_port = compute_port
@@ -71,9 +76,9 @@ listen_port = {self.port}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {self.dir}/userlist.txt
-pool_mode = session
-max_client_conn = 500
-default_pool_size = 50
+pool_mode = {self.pool_mode}
+max_client_conn = {self.max_client_conn}
+default_pool_size = {self.pool_size}
 client_tls_sslmode = allow
 client_tls_cert_file = {self.dir}/server.crt
 client_tls_key_file = {self.dir}/server.key
