@@ -90,18 +90,21 @@ logfile = {self.dir}/pgbouncer.log
             os.chown(path, owner.st_uid, owner.st_gid)
             path.chmod(0o700 if path.is_dir() else 0o600)
         # PgBouncer refuses to run as root; run it as the computes' owner.
-        self.proc = subprocess.Popen(  # noqa: ASYNC220 (fork+exec, returns at once)
-            [find_program("pgbouncer", Path("/usr/sbin")), str(self.dir / "pgbouncer.ini")],
-            user=owner.st_uid, group=owner.st_gid, extra_groups=[],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        )
+        # Its stderr goes to a file: it logs every login there too, and a pipe nobody
+        # reads would fill and stop it (at a few hundred logins).
+        with (self.dir / "stderr.log").open("wb") as stderr:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 (fork+exec, returns at once)
+                [find_program("pgbouncer", Path("/usr/sbin")), str(self.dir / "pgbouncer.ini")],
+                user=owner.st_uid, group=owner.st_gid, extra_groups=[],
+                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # PgBouncer announces nothing on stderr we can rely on; its port accepting is the signal.
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"pgbouncer exited: {err}")
+                err = (self.dir / "stderr.log").read_text(errors="replace")
+                raise RuntimeError(f"pgbouncer exited: {err[-2000:]}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()
