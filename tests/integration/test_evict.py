@@ -105,6 +105,9 @@ async def test_more_idle_clients_than_the_budget_all_log_in_and_keep_their_state
         ))
     try:
         assert evicted(small) - before >= CLIENTS - BUDGET
+        # The budget came with the new endpoint's announced address, before any wake.
+        assert small.proxy is not None
+        assert small.proxy.state.guards.budget(ep.id) == BUDGET
         # Only the budget's worth of them holds a backend; the rest are parked.
         assert await backends(small, ep) <= BUDGET
         for i, (conn, statement) in enumerate(clients):
