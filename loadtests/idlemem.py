@@ -20,13 +20,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from loadtests.stack import running_stack
+import httpx
+
+from loadtests.stack import BenchStack, running_stack
 from loadtests.stats import print_table, write_result
 from loadtests.throughput import PgBouncer
 
@@ -173,21 +176,44 @@ def _merge(replies: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+async def session_metrics(stack: BenchStack) -> dict[str, float]:
+    """The proxy's own count of its sessions by state, and of those parked to make
+    room (its /metrics on the API port)."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        reply = await http.get(f"{stack.api_url}/metrics",
+                               headers={"Authorization": f"Bearer {stack.api_key}"})
+    reply.raise_for_status()
+    found: dict[str, float] = {}
+    for line in reply.text.splitlines():
+        if match := SESSIONS_RE.match(line):
+            found[match.group(1)] = float(match.group(2))
+        elif line.startswith("pgwake_sessions_evicted_total "):
+            found["evicted_total"] = float(line.split()[1])
+    return found
+
+
+SESSIONS_RE = re.compile(r'pgwake_sessions\{state="(\w+)"\} ([0-9.e+]+)')
+
+
 async def measure(pid: int, spec: dict[str, Any], sessions: int, processes: int,
-                  login_timeout: float) -> dict[str, Any]:
+                  login_timeout: float, stack: BenchStack | None = None) -> dict[str, Any]:
     """One server process's RSS per idle session, and the sessions' health after."""
     baseline = await settled_rss(pid)
     clients = Clients(spec, sessions, processes)
+    states: dict[str, float] = {}
     try:
         started = time.perf_counter()
         logged = await clients.log_in(login_timeout)
         login_s = time.perf_counter() - started
         loaded = await settled_rss(pid)
+        if stack is not None:
+            states = await session_metrics(stack)
         check = await clients.check(max(1, sessions // 200), login_timeout)
     finally:
         await clients.close()
     per_session = (loaded - baseline) / max(1, logged["logged_in"])
     return {
+        **({"proxy_sessions": states} if stack is not None else {}),
         "baseline_rss_kib": baseline, "rss_kib": loaded,
         "rss_kib_per_session": round(per_session, 2),
         "logged_in": logged["logged_in"], "login_failures": logged["failed"],
@@ -208,7 +234,7 @@ async def run(sessions: int, processes: int) -> dict[str, Any]:
         warm = Clients(spec, 1, 1)
         await warm.log_in(login_timeout)
         await warm.close()
-        pgwake = await measure(stack.pid, spec, sessions, processes, login_timeout)
+        pgwake = await measure(stack.pid, spec, sessions, processes, login_timeout, stack)
         print(f"  pgwake: {pgwake['rss_kib_per_session']} KiB per idle session", flush=True)
         address = (await stack.client.get_endpoint(ep.id)).address
         assert address is not None

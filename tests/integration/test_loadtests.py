@@ -131,6 +131,10 @@ async def test_idlemem_quick(tmp_path: Path) -> None:
         assert figures["logged_in"] == 200 and figures["login_failures"] == 0
         assert figures["sample_ok"] == figures["sample_checked"] == 200
         assert figures["rss_kib"] > 0 and figures["baseline_rss_kib"] > 0
+    # Past the compute's budget (97 by default) the proxy parked sessions to make room.
+    states = result["pgwake"]["proxy_sessions"]
+    assert states["attached"] + states["parked"] == 200
+    assert states["parked"] >= 200 - 97 and states["evicted_total"] >= states["parked"]
     assert "RSS per idle TLS session" in out
 
 
