@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "authtiming": ("loadtests.authtiming", []),
     "splicecpu": ("loadtests.splicecpu", []),
     "splicecost": ("loadtests.splicecost", []),
+    "idlemem": ("loadtests.idlemem", []),
 }
 
 

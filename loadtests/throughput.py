@@ -44,9 +44,14 @@ def free_port() -> int:
 
 
 class PgBouncer:
-    """PgBouncer in session mode in front of the compute (runs as the postgres user)."""
+    """PgBouncer in front of the compute (session mode unless told; runs as the postgres
+    user)."""
 
-    def __init__(self, stack: BenchStack, compute_port: int, password: str, user: str):
+    def __init__(self, stack: BenchStack, compute_port: int, password: str, user: str, *,
+                 pool_mode: str = "session", max_client_conn: int = 500, pool_size: int = 50):
+        self.pool_mode = pool_mode
+        self.max_client_conn = max_client_conn
+        self.pool_size = pool_size
         self.dir = stack.data_dir / "pgbouncer"
         self.port = free_port()
         self.compute_port = compute_port
@@ -71,9 +76,9 @@ listen_port = {self.port}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {self.dir}/userlist.txt
-pool_mode = session
-max_client_conn = 500
-default_pool_size = 50
+pool_mode = {self.pool_mode}
+max_client_conn = {self.max_client_conn}
+default_pool_size = {self.pool_size}
 client_tls_sslmode = allow
 client_tls_cert_file = {self.dir}/server.crt
 client_tls_key_file = {self.dir}/server.key
@@ -85,18 +90,21 @@ logfile = {self.dir}/pgbouncer.log
             os.chown(path, owner.st_uid, owner.st_gid)
             path.chmod(0o700 if path.is_dir() else 0o600)
         # PgBouncer refuses to run as root; run it as the computes' owner.
-        self.proc = subprocess.Popen(  # noqa: ASYNC220 (fork+exec, returns at once)
-            [find_program("pgbouncer", Path("/usr/sbin")), str(self.dir / "pgbouncer.ini")],
-            user=owner.st_uid, group=owner.st_gid, extra_groups=[],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        )
+        # Its stderr goes to a file: it logs every login there too, and a pipe nobody
+        # reads would fill and stop it (at a few hundred logins).
+        with (self.dir / "stderr.log").open("wb") as stderr:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 (fork+exec, returns at once)
+                [find_program("pgbouncer", Path("/usr/sbin")), str(self.dir / "pgbouncer.ini")],
+                user=owner.st_uid, group=owner.st_gid, extra_groups=[],
+                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # PgBouncer announces nothing on stderr we can rely on; its port accepting is the signal.
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"pgbouncer exited: {err}")
+                err = (self.dir / "stderr.log").read_text(errors="replace")
+                raise RuntimeError(f"pgbouncer exited: {err[-2000:]}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()

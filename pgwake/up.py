@@ -154,7 +154,8 @@ class Up:
 
             async def ready(r: EndpointReady) -> None:
                 await proxy.endpoint_ready(
-                    r.endpoint_id, r.role, r.verifier, r.address, r.generation
+                    r.endpoint_id, r.role, r.verifier, r.address, r.generation,
+                    r.connection_budget,
                 )
 
             assert self.control.control is not None

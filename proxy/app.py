@@ -16,6 +16,7 @@ from proxy.activity import report_activity
 from proxy.cancel import CancelMap
 from proxy.connlog import ConnectionLog
 from proxy.dataplane import open_plane
+from proxy.evict import Evictor
 from proxy.guards import ConnectionGuards
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import FrontDoorLimits
@@ -79,6 +80,7 @@ class ProxyServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._activity_task: asyncio.Task[None] | None = None
         self._survey_task: asyncio.Task[None] | None = None
+        self._evictor: Evictor | None = None
         self._asking: set[asyncio.Task[None]] = set()  # surveys after an invalidation
         if isinstance(self.shared, RedisShared):
             self.shared.local.on_forget.append(self._address_forgotten)
@@ -119,12 +121,13 @@ class ProxyServer:
 
     async def endpoint_ready(
         self, endpoint_id: str, role: str, verifier: str, address: ComputeAddress,
-        generation: int,
+        generation: int, budget: int | None = None,
     ) -> None:
-        """A new endpoint: cache its owner's verifier and its address before any client
-        asks, so its first connect makes no control-API call."""
+        """A new endpoint: cache its owner's verifier and its address (with the
+        compute's connection budget) before any client asks, so its first connect
+        makes no control-API call."""
         self.state.roles.put(endpoint_id, role, verifier)
-        await self.state.wake.prime(endpoint_id, address, generation)
+        await self.state.wake.prime(endpoint_id, address, generation, budget)
 
     def _invalidated_by_report(self, endpoint_id: str, seconds_ago: float) -> None:
         # With Redis, invalidations arrive by pub/sub at once; without it, here.
@@ -206,6 +209,12 @@ class ProxyServer:
             connect_concurrency=s.compute_connect_concurrency,
         )
         self.state.guards.start()
+        if s.park_sessions:
+            self._evictor = Evictor(
+                self.state.registry, self.state.guards, self.state.metrics,
+                probe_timeout=s.survey_timeout,
+            )
+            self.state.guards.make_room = self._evictor.make_room
         # Accept only once the shared state and the guards every session uses are set.
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="proxy-accept")
         self._activity_task = asyncio.create_task(
@@ -297,6 +306,8 @@ class ProxyServer:
                 await self._survey_task
         await self.state.wake.close()
         await self.state.roles.close()
+        if self._evictor is not None:
+            await self._evictor.close()
         await self.state.guards.close()
         if self._activity_task is not None:
             self._activity_task.cancel()

@@ -21,7 +21,7 @@ import itertools
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from proxy.errors import ClientError, Kind
@@ -52,6 +52,9 @@ class _Endpoint:
     queue: collections.deque[asyncio.Future[Slot]] = field(default_factory=collections.deque)
     leases: set[str] = field(default_factory=set)
     pump: asyncio.Task[None] | None = None
+    # Slots that sessions of this replica were asked to give up (evicted to make
+    # room) and have not released yet: the queue waits for these already.
+    promised: int = 0
 
     @property
     def idle(self) -> bool:
@@ -95,6 +98,9 @@ class ConnectionGuards:
         self.compute_full_total = 0  # logins the compute refused with 53300, then retried
         # Set when an endpoint goes from no sessions to one: report it right away.
         self.became_busy = asyncio.Event()
+        # Called with the endpoint when a session starts to queue for one of its slots:
+        # something may make room (proxy/evict.py parks an idle session).
+        self.make_room: Callable[[str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -169,6 +175,8 @@ class ConnectionGuards:
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         state.queue.append(waiter)
         self._pump(endpoint_id, state)
+        if self.make_room is not None:
+            self.make_room(endpoint_id)
         wait = self.queue_timeout if timeout is None else min(timeout, self.queue_timeout)
         try:
             async with asyncio.timeout(max(wait, 0.0)):
@@ -232,8 +240,25 @@ class ConnectionGuards:
         state.live += len(names)
         return [Slot(endpoint_id, name, state) for name in names]
 
+    def shortfall(self, endpoint_id: str) -> int:
+        """Sessions of this replica queued for a slot of the endpoint, less the slots
+        already promised to come free (`promise`)."""
+        state = self._endpoints.get(endpoint_id)
+        if state is None:
+            return 0
+        return sum(1 for waiter in state.queue if not waiter.done()) - state.promised
+
+    def promise(self, endpoint_id: str) -> None:
+        """A session of the endpoint was just asked to give its slot up (it releases
+        it soon): the queue counts on it."""
+        state = self._endpoints.get(endpoint_id)
+        if state is not None:
+            state.promised += 1
+
     def release(self, slot: Slot) -> None:
         state = slot.state
+        if state.promised > 0:
+            state.promised -= 1  # any slot coming free keeps a promise
         if slot.lease is None or slot.handovers < LOCAL_HANDOVERS:
             while state.queue:
                 waiter = state.queue.popleft()

@@ -53,6 +53,12 @@ class ProxyMetrics:
             "Sessions parked because their compute went away while they were idle.",
             registry=registry,
         )
+        self.sessions_evicted_total = Counter(
+            "pgwake_sessions_evicted_total",
+            "Idle sessions parked to make room under their endpoint's connection budget "
+            "for a session queued for it (counted in pgwake_sessions_parked_total too).",
+            registry=registry,
+        )
         self.connections_active = Gauge(
             "pgwake_connections_active", "Client sessions being spliced now.", registry=registry
         )

@@ -451,21 +451,38 @@ class NativeSplice:
                     ) -> list[tuple[bytes, bytes]]:
         if self._done.done() or self._end_error or not self.idle:
             raise ProbeRefused("session is not idle")
-        async with asyncio.timeout(timeout):
-            if self.python is None:
-                waiter: asyncio.Future[Splice] = asyncio.get_running_loop().create_future()
-                self._probe_waiters.append(waiter)
-                self._ask_yield(self.plane.YIELD_IDLE)
-                try:
-                    py = await asyncio.shield(waiter)
-                finally:
-                    if waiter in self._probe_waiters:
-                        self._probe_waiters.remove(waiter)
-            else:
-                py = self.python
-            if py.detached or self._done.done():
-                raise ProbeRefused("the session ended")
-            return await py.probe(query, timeout=timeout, max_bytes=max_bytes)
+        py = await self._python_phase(timeout)
+        if py is None:
+            raise TimeoutError("the session was not yielded in time")
+        if py.detached or self._done.done():
+            raise ProbeRefused("the session ended")
+        return await py.probe(query, timeout=timeout, max_bytes=max_bytes)
+
+    async def evict_soon(self, timeout: float) -> bool:
+        """Park the session now if it is idle and movable (Splice.evict): in the
+        engine's hands it is first yielded at its idle point, then parked in Python."""
+        if self._done.done() or self._end_error or not self.idle:
+            return False
+        py = await self._python_phase(timeout)
+        return py is not None and not py.detached and py.evict()
+
+    async def _python_phase(self, timeout: float) -> Splice | None:
+        """The session in a Python Splice (asked of the engine at its next idle point);
+        None if it ended or did not come in time."""
+        if self.python is not None:
+            return self.python
+        waiter: asyncio.Future[Splice] = asyncio.get_running_loop().create_future()
+        self._probe_waiters.append(waiter)
+        self._ask_yield(self.plane.YIELD_IDLE)
+        try:
+            async with asyncio.timeout(timeout):
+                py = await asyncio.shield(waiter)
+        except TimeoutError:
+            return None
+        finally:
+            if waiter in self._probe_waiters:
+                self._probe_waiters.remove(waiter)
+        return None if self._done.done() else py
 
     def end_when_idle(self, error: bytes) -> None:
         self._end_error, self._end_when_idle = error, True

@@ -251,14 +251,7 @@ class SessionRegistry:
             ]
             for splice in stale:
                 asked += 1
-                try:
-                    requests = splice.frontend.requests
-                    snapshot = await probe_session(splice, timeout=timeout)
-                    self.snapshots[splice] = (requests, snapshot)
-                except ProbeRefused:
-                    pass
-                except (ProtocolViolation, TimeoutError) as exc:
-                    log.warning("session probe on %s failed: %s", endpoint, exc)
+                await self.ask(endpoint, splice, timeout=timeout)
         return asked
 
     async def survey(self, endpoint: str, *, timeout: float, stale_only: bool = False
@@ -271,17 +264,28 @@ class SessionRegistry:
         async def ask(splice: AnySplice) -> None:
             if not splice.idle or (stale_only and self.snapshot(splice) is not None):
                 return
-            try:
-                requests = splice.frontend.requests
-                snapshot = await probe_session(splice, timeout=timeout)
-                self.snapshots[splice] = (requests, snapshot)
-            except ProbeRefused:
-                pass  # it became busy or ended: the wire says why
-            except (ProtocolViolation, TimeoutError) as exc:
-                log.warning("session probe on %s failed: %s", endpoint, exc)
+            await self.ask(endpoint, splice, timeout=timeout)
 
         await asyncio.gather(*(ask(splice) for splice in splices))
         return {splice: self.pin_reasons(splice) for splice in splices}
+
+    async def ask(self, endpoint: str, splice: AnySplice, *, timeout: float) -> None:
+        """Ask the compute about one idle session, on its own backend, and keep the
+        answer; a session that became busy or ended meanwhile is not asked."""
+        try:
+            requests = splice.frontend.requests
+            snapshot = await probe_session(splice, timeout=timeout)
+            self.snapshots[splice] = (requests, snapshot)
+        except ProbeRefused:
+            pass  # it became busy or ended: the wire says why
+        except (ProtocolViolation, TimeoutError) as exc:
+            log.warning("session probe on %s failed: %s", endpoint, exc)
+
+    def idle_sessions(self, endpoint: str) -> list[AnySplice]:
+        """The endpoint's idle sessions with a backend, longest idle first."""
+        idle = [splice for splice in self._by_endpoint.get(endpoint, ()) if splice.idle]
+        idle.sort(key=lambda splice: splice.client_active_at)
+        return idle
 
     def sessions(self, endpoint: str) -> int:
         """Attached and parked sessions of the endpoint on this proxy."""

@@ -34,6 +34,10 @@ SHUTDOWN_ERROR = messages.error_response(
     hint="Reconnect: another proxy instance will serve the session.",
 )
 
+# Said to a backend the proxy ends on purpose (an eviction): it exits cleanly, as
+# for a client that says goodbye, instead of logging an unexpected EOF.
+TERMINATE = frame(b"X", b"")
+
 # Transport write-buffer limits: enough to keep a TLS record pipeline busy,
 # small enough that 10 000 idle sessions cost little.
 HIGH_WATER = 256 * 1024
@@ -391,6 +395,28 @@ class Splice:
                 self.client.resume_reading()
         self._hold_if_idle()
         self.maybe_handback()
+
+    def evict(self) -> bool:
+        """Park the session now, as its compute going away would, if it is idle, at a
+        message boundary and movable (the park predicate): its backend is told
+        Terminate and closed, and the client's transport goes to the parked session,
+        whose next message re-attaches. False, with nothing changed, otherwise."""
+        if (
+            self.park is None or self._done.done() or self._end_error
+            or self._compute_side.capture is not None or not self.idle
+            or not self.frontend.at_boundary or self._client_side.tracker.terminated
+            or self.client.is_closing() or not self.park[1](self)
+        ):
+            return False
+        # Both in this one callback: no client byte can reach the backend in between.
+        self.compute.write(TERMINATE)
+        self.finish("compute")
+        return self.parked
+
+    async def evict_soon(self, timeout: float) -> bool:
+        """`evict`, as the native data plane's splice offers it (which must first have
+        the session yielded by its engine)."""
+        return self.evict()
 
     def end_when_idle(self, error: bytes) -> None:
         """Send `error` and close at the session's next idle point (now, if idle)."""

@@ -68,6 +68,9 @@ class EndpointReady:
     verifier: str
     address: ComputeAddress
     generation: int
+    # Client sessions the compute admits: a new endpoint's first sessions keep to the
+    # budget as those after a wake answer do.
+    connection_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -547,6 +550,7 @@ class ControlPlane:
         ready = EndpointReady(
             endpoint.id, endpoint.owner_role, verifier,
             ComputeAddress.parse(endpoint.address), endpoint.generation,
+            self._budget(endpoint),
         )
         for listener in self.ready_listeners:
             try:

@@ -130,7 +130,8 @@ class ControlService:
 
             async def announce(ready: EndpointReady) -> None:
                 await invalidations.announce(
-                    ready.endpoint_id, str(ready.address), ready.generation
+                    ready.endpoint_id, str(ready.address), ready.generation,
+                    ready.connection_budget,
                 )
 
             self.control.ready_listeners.append(announce)

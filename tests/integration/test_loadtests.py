@@ -120,3 +120,39 @@ async def test_authtiming_quick(tmp_path: Path) -> None:
     assert stats["real:server_first"]["n"] == stats["unknown:server_first"]["n"] == 50
     assert stats["real:auth_failed"]["n"] == stats["unknown:auth_failed"]["n"] == 10
     assert "real role vs unknown role" in out
+
+
+@pytest.mark.timeout(600)
+async def test_idlemem_quick(tmp_path: Path) -> None:
+    """200 idle TLS sessions through one proxy process, then through PgBouncer: all log
+    in, every one answers a query afterwards, and each server's RSS is reported."""
+    out = await harness(tmp_path, "idlemem")
+    result = json.loads((tmp_path / "idlemem.json").read_text())
+    assert result["sessions"] == 200
+    for server in ("pgwake", "pgbouncer"):
+        figures = result[server]
+        assert figures["logged_in"] == 200 and figures["login_failures"] == 0
+        assert figures["sample_ok"] == figures["sample_checked"] == 200
+        assert figures["rss_kib"] > 0 and figures["baseline_rss_kib"] > 0
+    # Past the compute's budget (97 by default) the proxy parked sessions to make room.
+    states = result["pgwake"]["proxy_sessions"]
+    assert states["attached"] + states["parked"] == 200
+    assert states["parked"] >= 200 - 97 and states["evicted_total"] >= states["parked"]
+    assert "RSS per idle TLS session" in out
+
+
+@pytest.mark.timeout(900)
+async def test_splicecpu_quick_with_both_data_planes(tmp_path: Path) -> None:
+    """Server CPU per transaction and tps, plain and TLS, for pgwake's data paths and
+    PgBouncer in one run; a data path the CLI refuses is reported, not hidden."""
+    out = await harness(tmp_path, "splicecpu", "--data-plane", "both")
+    result = json.loads((tmp_path / "splicecpu.json").read_text())
+    cpu, tps = result["cpu_us_per_txn_median"], result["tps_vs_direct_plain"]
+    for name in ("pgwake python plain", "pgwake python TLS", "pgbouncer plain",
+                 "pgbouncer TLS"):
+        assert cpu[name] > 0 and tps[name] > 0
+        assert result["cpu_vs_pgbouncer_paired"][name] > 0
+    assert tps["direct plain"] == 1.0
+    if "pgwake native TLS" not in cpu:
+        assert result["refused"]["native"]
+        assert "refused --data-plane native" in out

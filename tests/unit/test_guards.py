@@ -82,3 +82,28 @@ async def test_a_queued_client_that_gives_up_passes_nothing_on() -> None:
     assert guards.live("ep") == 1
     guards.release(slot)
     await guards.close()
+
+
+async def test_a_session_that_queues_asks_for_room_and_promises_count() -> None:
+    """make_room hears of each session that starts to queue; the shortfall is the queue
+    less the slots promised to come free, and any release keeps a promise."""
+    guards = ConnectionGuards()
+    asked: list[str] = []
+    guards.make_room = asked.append
+    held = [await guards.acquire("ep", 2) for _ in range(2)]
+    assert asked == [] and guards.shortfall("ep") == 0
+    waiting = [asyncio.create_task(guards.acquire("ep", 2)) for _ in range(2)]
+    await asyncio.sleep(0)  # let them queue
+    assert asked == ["ep", "ep"] and guards.shortfall("ep") == 2
+    guards.promise("ep")
+    assert guards.shortfall("ep") == 1
+    guards.release(held[0])  # the promised slot: handed to the first in line
+    assert guards.shortfall("ep") == 1
+    first = await waiting[0]
+    guards.release(held[1])
+    second = await waiting[1]
+    assert guards.shortfall("ep") == 0
+    guards.release(first)
+    guards.release(second)
+    assert guards.counts() == {}
+    await guards.close()

@@ -170,3 +170,33 @@ async def test_a_terminating_client_is_recognised() -> None:
     compute.close()
     result = await splice.wait()
     assert result.client_terminated
+
+
+async def test_evict_parks_an_idle_movable_session_and_tells_the_backend_goodbye() -> None:
+    """evict() on an idle session: Terminate to the backend, the compute side closed,
+    the client's transport handed to the parked session (no error, still open); on a
+    session mid-query, or one the predicate calls pinned, nothing happens."""
+    loop = asyncio.get_running_loop()
+    client_t, client = await pair()
+    compute_t, compute = await pair()
+    parked = Stream()
+    movable = {"yes": False}
+    splice = Splice(client_t, compute_t, compute_lost_error=LOST,
+                    park=(parked, lambda _: movable["yes"]))
+    splice.start()
+    await loop.sock_sendall(client, QUERY)
+    assert await loop.sock_recv(compute, 100) == QUERY
+    assert not splice.evict()  # a query is running
+    await loop.sock_sendall(compute, RESULT + READY)
+    assert await loop.sock_recv(client, 100) == RESULT + READY
+    assert splice.idle and not splice.evict()  # idle, but pinned
+    movable["yes"] = True
+    assert splice.evict()
+    assert await recv_until_closed(compute) == frame(b"X", b"")
+    result = await splice.wait()
+    assert result.parked and result.error_sent is None and not result.query_running
+    assert not client_t.is_closing() and client_t.get_protocol() is parked
+    assert not splice.evict()  # once
+    client_t.close()
+    client.close()
+    compute.close()
