@@ -452,10 +452,10 @@ class NativeSplice:
         if self._done.done() or self._end_error or not self.idle:
             raise ProbeRefused("session is not idle")
         py = await self._python_phase(timeout)
+        if self._done.done() or (py is not None and py.detached):
+            raise ProbeRefused("the session ended")
         if py is None:
             raise TimeoutError("the session was not yielded in time")
-        if py.detached or self._done.done():
-            raise ProbeRefused("the session ended")
         return await py.probe(query, timeout=timeout, max_bytes=max_bytes)
 
     async def evict_soon(self, timeout: float) -> bool:
