@@ -439,6 +439,10 @@ class NativeSplice:
     def _set_done(self, closed_by: str) -> None:
         if not self._done.done():
             self._done.set_result(closed_by)
+        # The client's transport outlives this splice when the session parks: it must
+        # not keep the ended splice (and its Python phase's objects) alive.
+        if self.client.splice_events == self._on_event:
+            self.client.splice_events = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -90,7 +90,10 @@ class Session:
             if spliced is None:
                 self.log.outcome = "cancel_request"
                 return
-            await self._splice(*spliced)
+            # Handed over in a box the splice empties: a session may idle (parked) for
+            # hours, and what only the handshake needed should not idle with it.
+            box, spliced = [spliced], None
+            await self._splice(box)
             self.log.outcome = "ok"
         except ClientError as exc:
             self._fail(exc)
@@ -509,9 +512,11 @@ class Session:
     # -- steps 8–9 -------------------------------------------------------------------
 
     async def _splice(
-        self, hello: ClientHello, reader: MessageReader, compute: ComputeSession, minor: int
+        self, box: list[tuple[ClientHello, MessageReader, ComputeSession, int]]
     ) -> None:
+        hello, reader, compute, minor = box.pop()
         stream = hello.stream
+        del hello  # the startup packet and the TLS facts: not needed from here on
         target = CancelTarget(compute.address, compute.backend_pid, compute.backend_secret)
         key = await self.state.cancels.issue(target, long_secret=minor >= 2)
         greeting = [*compute.parameters, *compute.notices,
@@ -523,6 +528,7 @@ class Session:
         greeting.append(messages.ready_for_query(b"I"))
         # One write: one TLS record and one syscall for the ~15 messages, not one each.
         stream.write(b"".join(greeting))
+        del greeting
         assert stream.transport is not None and self.log.endpoint is not None
         endpoint = self.log.endpoint
         lost_error = messages.error_response(
@@ -533,6 +539,7 @@ class Session:
         registry = self.state.registry
         park = (stream, registry.movable) if self.settings.park_sessions else None
         client_pending = reader.take_trailing() + stream.take_buffered()
+        del reader
         try:
             while True:
                 splice = self._new_splice(stream, compute, lost_error, park)
@@ -541,7 +548,9 @@ class Session:
                 )
                 if not result.parked:
                     break
-                # Parked: no backend, no slot, until the client's next message.
+                # Parked: no backend, no slot, until the client's next message; nor
+                # the ended splice and the compute session's objects.
+                del splice, compute
                 self.state.metrics.sessions_parked_total.inc()
                 self._compute = None
                 self._release_slot()
