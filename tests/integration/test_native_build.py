@@ -51,10 +51,14 @@ def test_install_without_a_compiler_falls_back_to_the_python_path(tmp_path: Path
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
 
+    # -S: no site, so no .pth file (the editable install's finder would map
+    # proxy._dataplane to this tree's build); the dependencies come on the path.
+    dependencies = os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))
+
     def python(code: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", code], cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(installed)},
+            [sys.executable, "-S", "-c", code], cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": f"{installed}{os.pathsep}{dependencies}"},
             capture_output=True, text=True, timeout=60,
         )
 
