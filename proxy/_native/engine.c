@@ -595,6 +595,10 @@ int pgw_engine_splice(pgw_engine *e, uint64_t id, int compute_fd, const uint8_t 
         pthread_mutex_unlock(&c->mu);
         return PGW_EMODE;
     }
+    if ((size_t)c->to_client.len + len > PGW_MAX_PYTHON_QUEUE) {
+        pthread_mutex_unlock(&c->mu);
+        return PGW_EFULL;
+    }
     socket_options(compute_fd);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                              .data.ptr = (void *)((uintptr_t)c | 1)};
