@@ -101,7 +101,9 @@ def main() -> None:
             select.select([engine.fileno()], [], [], 1.0)
             pending.extend(engine.events())
 
-    def serve(count: int, go: multiprocessing.synchronize.Event | None) -> tuple[list[int], list[int]]:
+    def serve(
+        count: int, go: multiprocessing.synchronize.Event | None
+    ) -> tuple[list[int], list[int]]:
         ids = []
         for _ in range(count):
             sock, _ = listener.accept()
@@ -135,7 +137,9 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     # Baseline: one connection made and closed (thread buffers, OpenSSL tables warm).
     go, done = ctx.Event(), ctx.Event()
-    warm = ctx.Process(target=clients, args=(port, str(certs.ca.cert), 1, args.mode == "splice", go, done))
+    splice = args.mode == "splice"
+    ca = str(certs.ca.cert)
+    warm = ctx.Process(target=clients, args=(port, ca, 1, splice, go, done))
     warm.start()
     ids, peers = serve(1, go)
     done.set()
@@ -152,7 +156,7 @@ def main() -> None:
     base_heap = malloc_in_use()
 
     go, done = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=clients, args=(port, str(certs.ca.cert), args.conns, args.mode == "splice", go, done))
+    proc = ctx.Process(target=clients, args=(port, ca, args.conns, splice, go, done))
     proc.start()
     ids, peers = serve(args.conns, go)
     if args.mode == "python":
