@@ -461,8 +461,10 @@ int pgw_engine_accept(pgw_engine *e, int fd, int tls, uint64_t *conn_id) {
     c->cr_ready = c->cw_ready = 1;
     c->mode = tls ? PGW_MODE_HANDSHAKE : PGW_MODE_PYTHON;
     c->w = &e->workers[atomic_fetch_add(&e->next_worker, 1) % (unsigned)e->nthreads];
-    pthread_mutex_lock(&c->mu); /* not visible yet: nobody waits for it */
+    /* Held from before it is visible until it is set up: a call that finds it
+     * meanwhile waits. */
     pthread_mutex_lock(&e->table_mu);
+    pthread_mutex_lock(&c->mu);
     int rc = e->shut ? PGW_ESHUTDOWN : PGW_OK;
     if (!rc && tls && !e->tls)
         rc = PGW_ENOTLS;

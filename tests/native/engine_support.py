@@ -97,7 +97,8 @@ def hand_over(sock: socket.socket) -> int:
 def recv_exactly(sock: socket.socket | ssl.SSLSocket, size: int) -> bytes:
     data = b""
     while len(data) < size:
-        chunk = sock.recv(size - len(data))
+        # Bounded: an SSL socket allocates the whole size asked for on every call.
+        chunk = sock.recv(min(size - len(data), 256 * 1024))
         assert chunk, f"EOF after {len(data)} of {size} bytes"
         data += chunk
     return data

