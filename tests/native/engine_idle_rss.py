@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.native.engine_idle_rss --conns 2000 --mode python
     .venv/bin/python -m tests.native.engine_idle_rss --conns 2000 --mode splice
+    .venv/bin/python -m tests.native.engine_idle_rss --conns 2000 --mode splice --plain
 
 This process runs only the engine and the listener; the TLS clients run in a
 child process (Python's ssl, ALPN "postgresql"). Each connection completes its
@@ -50,21 +51,23 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def clients(port: int, ca: str, count: int, splice: bool,
+def clients(port: int, ca: str | None, count: int, splice: bool,
             go: multiprocessing.synchronize.Event,
+            spliced: multiprocessing.synchronize.Event,
             done: multiprocessing.synchronize.Event) -> None:
-    context = ssl.create_default_context(cafile=ca)
+    context = ssl.create_default_context(cafile=ca or None)
     context.check_hostname = False
     context.set_alpn_protocols(["postgresql"])
     socks = []
     for _ in range(count):
         raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-        tls = context.wrap_socket(raw, server_hostname="db.alpha.test")
+        tls = context.wrap_socket(raw, server_hostname="db.alpha.test") if ca else raw
         tls.sendall(b"q" * 1024)
         recv_exactly(tls, 1024)
         socks.append(tls)
     go.set()  # all handshaken; the server may splice
     if splice:
+        spliced.wait(600)  # (no bytes wait in the engine's PYTHON-mode buffers meanwhile)
         for tls in socks:
             tls.sendall(b"s" * 1024)
         for tls in socks:
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=2000)
     parser.add_argument("--mode", choices=["python", "splice"], default="python")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="no TLS: the engine's own cost")
     args = parser.parse_args()
 
     certs = make_certificates(Path(tempfile.mkdtemp(prefix="engine-rss-")))
@@ -102,13 +106,14 @@ def main() -> None:
             pending.extend(engine.events())
 
     def serve(
-        count: int, go: multiprocessing.synchronize.Event | None
+        count: int, go: multiprocessing.synchronize.Event,
+        spliced: multiprocessing.synchronize.Event,
     ) -> tuple[list[int], list[int]]:
         ids = []
         for _ in range(count):
             sock, _ = listener.accept()
             sock.setblocking(False)
-            cid = engine.accept(sock.detach(), True)
+            cid = engine.accept(sock.detach(), not args.plain)
             wait(cid, dp.READY)
             wait(cid, dp.READABLE)
             got = b""
@@ -122,12 +127,15 @@ def main() -> None:
             ids.append(cid)
         peers: list[int] = []
         if args.mode == "splice":
-            assert go is not None
             go.wait(600)
+            theirs_all = []
             for cid in ids:
                 mine, theirs = socket.socketpair()
                 mine.setblocking(False)
                 engine.splice(cid, mine.detach(), b"", 0, ord("I"))
+                theirs_all.append(theirs)
+            spliced.set()
+            for theirs in theirs_all:
                 theirs.setblocking(True)
                 recv_exactly(theirs, 1024)  # the client's message, through the splice
                 theirs.sendall(b"z" * 1024)
@@ -136,12 +144,12 @@ def main() -> None:
 
     ctx = multiprocessing.get_context("spawn")
     # Baseline: one connection made and closed (thread buffers, OpenSSL tables warm).
-    go, done = ctx.Event(), ctx.Event()
+    go, spliced, done = ctx.Event(), ctx.Event(), ctx.Event()
     splice = args.mode == "splice"
-    ca = str(certs.ca.cert)
-    warm = ctx.Process(target=clients, args=(port, ca, 1, splice, go, done))
+    ca = None if args.plain else str(certs.ca.cert)
+    warm = ctx.Process(target=clients, args=(port, ca, 1, splice, go, spliced, done))
     warm.start()
-    ids, peers = serve(1, go)
+    ids, peers = serve(1, go, spliced)
     done.set()
     warm.join(60)
     for cid in ids:
@@ -155,10 +163,10 @@ def main() -> None:
     base = rss_kib()
     base_heap = malloc_in_use()
 
-    go, done = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=clients, args=(port, ca, args.conns, splice, go, done))
+    go, spliced, done = ctx.Event(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=clients, args=(port, ca, args.conns, splice, go, spliced, done))
     proc.start()
-    ids, peers = serve(args.conns, go)
+    ids, peers = serve(args.conns, go, spliced)
     if args.mode == "python":
         go.wait(600)
     # Idle: every client has its answers (the client process read them) and
@@ -175,7 +183,8 @@ def main() -> None:
     # back to the system: what stays is what the idle connections need.
     ctypes.CDLL(None).malloc_trim(0)
     trimmed = (rss_kib() - base) * 1024 / args.conns
-    print(f"mode={args.mode} conns={args.conns} threads={args.threads} "
+    kind = "plain" if args.plain else "tls"
+    print(f"{kind} mode={args.mode} conns={args.conns} threads={args.threads} "
           f"baseline={base} KiB idle={now} KiB per_conn={per_conn:.0f} B "
           f"({per_conn / 1024:.2f} KiB); after malloc_trim {trimmed:.0f} B; "
           f"malloc in use per conn {heap:.0f} B")
