@@ -5,7 +5,8 @@
  * for checking a build.
  *
  * feed() raises proxy.pgwire.errors.ProtocolViolation with the Python tracker's
- * message on an invalid length (ValueError if that module cannot be imported);
+ * message on an invalid length (ValueError if that module cannot be imported at
+ * init; the module exports the class as ProtocolViolation);
  * afterwards the tracker is broken and ignores input, as the Python one is.
  * Attributes are read-only here (the Python classes' are plain slots). */
 #define PY_SSIZE_T_CLEAN
@@ -26,8 +27,11 @@ typedef struct {
 } BackendObject;
 
 /* The Python tracker's error: "invalid message length {length} for message
- * type {bytes([type_])!r} from the {direction}". */
-static void raise_invalid(const pgw_framer *f, const char *direction)
+ * type {bytes([type_])!r} from the {direction}", as the module's
+ * ProtocolViolation (proxy.pgwire.errors', put there at init; ValueError when
+ * that could not be imported). Looked up on the type's module, not imported
+ * per error: an error costs no trip through the import system. */
+static void raise_invalid(PyObject *self, const pgw_framer *f, const char *direction)
 {
     PyObject *type_bytes = PyBytes_FromStringAndSize((const char *)f->head, 1);
     if (!type_bytes)
@@ -37,12 +41,8 @@ static void raise_invalid(const pgw_framer *f, const char *direction)
     Py_DECREF(type_bytes);
     if (!message)
         return;
-    PyObject *exc_type = NULL;
-    PyObject *errors = PyImport_ImportModule("proxy.pgwire.errors");
-    if (errors) {
-        exc_type = PyObject_GetAttrString(errors, "ProtocolViolation");
-        Py_DECREF(errors);
-    }
+    PyObject *module = PyType_GetModule(Py_TYPE(self)); /* borrowed */
+    PyObject *exc_type = module ? PyObject_GetAttrString(module, "ProtocolViolation") : NULL;
     if (!exc_type) {
         PyErr_Clear();
         exc_type = Py_NewRef(PyExc_ValueError);
@@ -82,7 +82,7 @@ static PyObject *frontend_feed(FrontendObject *self, PyObject *arg)
     int rc = pgw_frontend_feed(&self->t, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     if (rc < 0) {
-        raise_invalid(&self->t.f, "client");
+        raise_invalid((PyObject *)self, &self->t.f, "client");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -166,7 +166,7 @@ static PyObject *backend_feed(BackendObject *self, PyObject *arg)
     int rc = pgw_backend_feed(&self->t, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     if (rc < 0) {
-        raise_invalid(&self->t.f, "compute");
+        raise_invalid((PyObject *)self, &self->t.f, "compute");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -255,9 +255,31 @@ static int add_type(PyObject *module, PyType_Spec *spec)
     return rc;
 }
 
+/* proxy.pgwire.errors.ProtocolViolation, the error feed() raises, as the
+ * module's attribute; ValueError stands in where proxy is not importable
+ * (then the attribute is absent). */
+static int add_protocol_violation(PyObject *module)
+{
+    PyObject *errors = PyImport_ImportModule("proxy.pgwire.errors");
+    if (!errors) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *exc_type = PyObject_GetAttrString(errors, "ProtocolViolation");
+    Py_DECREF(errors);
+    if (!exc_type) {
+        PyErr_Clear();
+        return 0;
+    }
+    int rc = PyModule_AddObjectRef(module, "ProtocolViolation", exc_type);
+    Py_DECREF(exc_type);
+    return rc;
+}
+
 int pgw_tracker_add_types(PyObject *module)
 {
-    if (add_type(module, &frontend_spec) < 0 || add_type(module, &backend_spec) < 0)
+    if (add_protocol_violation(module) < 0 || add_type(module, &frontend_spec) < 0 ||
+        add_type(module, &backend_spec) < 0)
         return -1;
     return 0;
 }

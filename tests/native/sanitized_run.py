@@ -12,6 +12,7 @@ whatever sits in proxy/ (the editable install's own .so, or nothing).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--extension", type=Path)
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
+    # The runtime is loaded in this process; the processes the tests start
+    # (compilers, servers, clients) run as they normally do.
+    os.environ.pop("LD_PRELOAD", None)
+    os.environ.pop("PYTHONMALLOC", None)
     sys.path.insert(0, str(REPO))
     if args.extension is not None:
         import proxy

@@ -6,6 +6,13 @@
  *
  *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -DPGW_FUZZ_TLS_NATIVE -I.. \
  *       fuzz_tls.c ../tls_native.c ../tracker.c -lssl -lcrypto
+ *   .venv/bin/python -m tests.native.test_fuzz seeds   # (from the repository root)
+ *   ASAN_OPTIONS=quarantine_size_mb=16 ./a.out -len_control=0 -max_len=2048 seeds/tls
+ * tests/native/test_fuzz.py builds and runs it for 15 s in the test suite.
+ *
+ * OpenSSL itself is the system's, not instrumented: libFuzzer's guidance comes
+ * from this harness, tls_native.c and tracker.c, while the inputs still reach
+ * OpenSSL's record layer and handshake parsing.
  *
  * Input: byte 0 is the mode. Mode % 4 == 0: the rest goes to a fresh server as
  * raw client bytes (ClientHello and record-layer parsing, the SNI and ALPN

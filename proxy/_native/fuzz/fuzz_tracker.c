@@ -1,7 +1,9 @@
 /* libFuzzer harness for the message-boundary trackers (../tracker.c).
  *
  *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -I.. fuzz_tracker.c ../tracker.c
- *   ./a.out -max_total_time=60 corpus/
+ *   .venv/bin/python -m tests.native.test_fuzz seeds   # (from the repository root)
+ *   ASAN_OPTIONS=quarantine_size_mb=16 ./a.out -max_total_time=600 seeds/tracker
+ * tests/native/test_fuzz.py builds and runs it for 15 s in the test suite.
  *
  * Input: byte 0 gives k = byte0 % 16, bytes 1..k are chunk sizes (used in turn,
  * over and over; 0 feeds an empty chunk), the rest is the byte stream. The same
