@@ -245,6 +245,9 @@ static void *worker_main(void *arg) {
             } else if (c->ssl) {
                 /* OpenSSL may read to write or write to read: retry both. */
                 c->cr_ready = c->cw_ready = 1;
+                c->bio_drained = 0;
+                if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                    c->c_hup = 1;
             } else {
                 if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                     c->c_hup = 1;
@@ -484,6 +487,8 @@ int pgw_engine_accept(pgw_engine *e, int fd, int tls, uint64_t *conn_id) {
     socket_options(fd);
     if (tls && !(c->ssl = pgw_tls_new_ssl(c->table, fd, &c->choice)))
         rc = PGW_ENOMEM;
+    if (c->ssl)
+        pgw_watch_reads(c);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (!rc && epoll_ctl(c->w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
         rc = PGW_ESYS;

@@ -49,6 +49,9 @@ typedef struct pgw_conn {
     /* epoll reported the peer's FIN (or an error): a short read may have left
      * it unread, and no new edge will come for it. */
     unsigned c_hup : 1, p_hup : 1;
+    /* TLS: OpenSSL's last read of the client socket got less than it asked
+     * for (it drained the socket); cleared by every client event. */
+    unsigned bio_drained : 1;
     unsigned client_eof : 1, client_dead : 1, compute_shut : 1;
     unsigned paused : 1, readable_sent : 1, want_drained : 1;
     unsigned cblock : 1, pblock : 1, client_hold : 1;
@@ -87,5 +90,7 @@ int pgw_flush_client(pgw_engine *e, pgw_conn *c);
 /* Closes the conn's sockets and frees its buffers (under c->mu, or at shutdown). */
 void pgw_release(pgw_conn *c, int epfd);
 void pgw_reason(const pgw_conn *c, int why, char *out, size_t outlen);
+/* Lets client_recv see when OpenSSL's reads drained the client socket. */
+void pgw_watch_reads(pgw_conn *c);
 
 #endif

@@ -117,6 +117,30 @@ static void tls_failed(pgw_conn *c, int ssl_error) {
     ERR_clear_error();
 }
 
+/* Called by OpenSSL around each operation on the client socket's BIO: a read
+ * shorter than asked for drained the socket (read-ahead asks for the whole
+ * record buffer), so client_recv need not call SSL_read once more just to
+ * hear EAGAIN: with edge-triggered epoll, later bytes bring a new event. */
+static long on_bio(BIO *b, int oper, const char *argp, size_t len, int argi, long argl,
+                   int ret, size_t *processed) {
+    (void)argp;
+    (void)argi;
+    (void)argl;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+        pgw_conn *c = (pgw_conn *)BIO_get_callback_arg(b);
+        c->bio_drained = ret > 0 && processed && *processed < len;
+    }
+    return ret;
+}
+
+void pgw_watch_reads(pgw_conn *c) {
+    BIO *b = SSL_get_rbio(c->ssl);
+    if (b) {
+        BIO_set_callback_arg(b, (char *)c);
+        BIO_set_callback_ex(b, on_bio);
+    }
+}
+
 /* Reads what the client has, up to `cap` bytes, into `buf`. Sets client_eof or
  * client_dead when the client ends; clears cr_ready when it would block. */
 static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
@@ -127,6 +151,10 @@ static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
             size_t r = 0;
             if (SSL_read_ex(c->ssl, buf + got, cap - got, &r)) {
                 got += r;
+                if (c->bio_drained && !c->c_hup && !SSL_has_pending(c->ssl)) {
+                    c->cr_ready = 0; /* drained, and OpenSSL holds nothing more */
+                    break;
+                }
                 continue;
             }
             int err = SSL_get_error(c->ssl, 0);
