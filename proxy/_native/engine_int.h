@@ -1,6 +1,7 @@
 /* The engine's internals, shared by engine.c (threads, connection table,
- * event queue, the calls Python makes) and engine_io.c (one connection's I/O:
- * TLS handshake, PYTHON-mode reading, the splice, yields, closing). */
+ * event queue), engine_api.c (the calls Python makes), engine_io.c (one
+ * connection's I/O: TLS handshake, PYTHON-mode reading, closing) and
+ * engine_splice.c (SPLICE mode: flow control, half-close, yields). */
 #ifndef PGW_ENGINE_INT_H
 #define PGW_ENGINE_INT_H
 
@@ -20,6 +21,23 @@ typedef struct {
 enum { PGW_WHY_EOF = -1, PGW_WHY_TLS = -2, PGW_WHY_NOMEM = -3 };
 
 typedef struct pgw_worker pgw_worker;
+
+struct pgw_engine {
+    int nthreads;
+    pgw_worker *workers;
+    atomic_uint next_worker;
+    int evfd;
+    pthread_mutex_t ev_mu;
+    pgw_event *ev_head, *ev_tail;
+    pthread_mutex_t table_mu;
+    struct pgw_conn **slots;
+    uint32_t *gens;
+    uint32_t nslots;
+    uint32_t *free_slots;
+    uint32_t n_free;
+    pgw_tls_table *tls; /* under table_mu */
+    int shut;           /* under table_mu */
+};
 
 typedef struct pgw_conn {
     pthread_mutex_t mu;
@@ -43,23 +61,21 @@ typedef struct pgw_conn {
     uint32_t ssl_err;            /* the OpenSSL error code when cwhy is PGW_WHY_TLS */
     uint8_t mode, yield_when, splice_flags;
     uint8_t kicked;              /* under the worker's kick_mu, hence its own byte */
-    /* Set by the client's socket BIO when a read returned less than asked: with
-     * read-ahead OpenSSL asks for a whole buffer, so the socket was drained. */
-    uint8_t tls_short;
     /* Under `mu`. Readiness as epoll last reported it (edge-triggered: cleared
      * only when a call says it would block). */
     unsigned cr_ready : 1, cw_ready : 1, pr_ready : 1, pw_ready : 1;
     /* epoll reported the peer's FIN (or an error): a short read may have left
      * it unread, and no new edge will come for it. */
     unsigned c_hup : 1, p_hup : 1;
+    /* TLS: OpenSSL's last read of the client socket got less than it asked
+     * for (it drained the socket); cleared by every client event. */
+    unsigned bio_drained : 1;
     unsigned client_eof : 1, client_dead : 1, compute_shut : 1;
     unsigned paused : 1, readable_sent : 1, want_drained : 1;
     unsigned cblock : 1, pblock : 1, client_hold : 1;
     unsigned close_req : 1, abort_req : 1, lingering : 1, dead : 1;
 } pgw_conn;
 
-/* Makes `flag` 1 whenever the SSL's socket BIO reads less than it asked for. */
-void pgw_watch_short_reads(SSL *ssl, uint8_t *flag);
 
 struct pgw_worker {
     pgw_engine *e;
@@ -75,6 +91,11 @@ struct pgw_worker {
 };
 
 /* engine.c */
+int pgw_table_insert(pgw_engine *e, pgw_conn *c);
+void pgw_table_remove(pgw_engine *e, pgw_conn *c);
+/* The live conn `id`, locked; NULL when unknown, stale or dead. */
+pgw_conn *pgw_lock_conn(pgw_engine *e, uint64_t id);
+void pgw_conn_free(pgw_conn *c);
 void pgw_emit(pgw_engine *e, pgw_event *ev);
 pgw_event *pgw_event_new(const pgw_conn *c, int kind);
 /* Queue `c` for its worker's attention; `wake`: from another thread. */
@@ -93,5 +114,19 @@ int pgw_flush_client(pgw_engine *e, pgw_conn *c);
 /* Closes the conn's sockets and frees its buffers (under c->mu, or at shutdown). */
 void pgw_release(pgw_conn *c, int epfd);
 void pgw_reason(const pgw_conn *c, int why, char *out, size_t outlen);
+/* Lets client reads see when OpenSSL's reads drained the client socket. */
+void pgw_watch_reads(pgw_conn *c);
+void pgw_emit_reason(pgw_engine *e, pgw_conn *c, int kind, int why, const char *text);
+/* Read into `buf` (up to `cap`) what the client / compute has; flags say why not more. */
+size_t pgw_client_recv(pgw_conn *c, uint8_t *buf, size_t cap);
+size_t pgw_compute_recv(pgw_conn *c, uint8_t *buf, size_t cap);
+size_t pgw_compute_send(pgw_conn *c, const uint8_t *p, size_t n);
+/* Send now when nothing is queued before; queue the rest (bounded by the callers). */
+void pgw_send_client(pgw_conn *c, const uint8_t *p, size_t n);
+void pgw_send_compute(pgw_conn *c, const uint8_t *p, size_t n);
+void pgw_drop_compute(pgw_conn *c, int epfd);
+
+/* engine_splice.c: one round of SPLICE mode; 1 if anything moved or changed. */
+int pgw_splice_step(pgw_worker *w, pgw_conn *c);
 
 #endif

@@ -1,5 +1,6 @@
-/* One connection's I/O (see engine_int.h): the TLS handshake, PYTHON-mode
- * reading, the splice with flow control and half-close, yields and closing.
+/* One connection's I/O (see engine_int.h): both sockets, the TLS handshake,
+ * PYTHON-mode reading, closing, and the per-conn loop (SPLICE mode's step is
+ * in engine_splice.c).
  * Everything here runs under the conn's mutex; only pgw_flush_client also runs
  * on Python's thread (write()). Chunks are read into the worker's one buffer
  * and written on at once; only what a peer does not take is queued. */
@@ -82,7 +83,7 @@ void pgw_reason(const pgw_conn *c, int why, char *out, size_t outlen) {
         snprintf(out, outlen, "closed");
 }
 
-static void emit_reason(pgw_engine *e, pgw_conn *c, int kind, int why, const char *text) {
+void pgw_emit_reason(pgw_engine *e, pgw_conn *c, int kind, int why, const char *text) {
     pgw_event *ev = pgw_event_new(c, kind);
     if (!ev)
         return;
@@ -117,40 +118,42 @@ static void tls_failed(pgw_conn *c, int ssl_error) {
     ERR_clear_error();
 }
 
-static long short_read_watch(BIO *b, int oper, const char *argp, size_t len, int argi,
-                             long argl, int ret, size_t *processed) {
+/* Called by OpenSSL around each operation on the client socket's BIO: a read
+ * shorter than asked for drained the socket (read-ahead asks for the whole
+ * record buffer), so client_recv need not call SSL_read once more just to
+ * hear EAGAIN: with edge-triggered epoll, later bytes bring a new event. */
+static long on_bio(BIO *b, int oper, const char *argp, size_t len, int argi, long argl,
+                   int ret, size_t *processed) {
     (void)argp;
     (void)argi;
     (void)argl;
-    if (oper == (BIO_CB_READ | BIO_CB_RETURN) && ret > 0 && processed && *processed < len)
-        *(uint8_t *)BIO_get_callback_arg(b) = 1;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+        pgw_conn *c = (pgw_conn *)BIO_get_callback_arg(b);
+        c->bio_drained = ret > 0 && processed && *processed < len;
+    }
     return ret;
 }
 
-void pgw_watch_short_reads(SSL *ssl, uint8_t *flag) {
-    BIO *rbio = SSL_get_rbio(ssl);
-    if (!rbio)
-        return;
-    BIO_set_callback_arg(rbio, (char *)flag);
-    BIO_set_callback_ex(rbio, short_read_watch);
+void pgw_watch_reads(pgw_conn *c) {
+    BIO *b = SSL_get_rbio(c->ssl);
+    if (b) {
+        BIO_set_callback_arg(b, (char *)c);
+        BIO_set_callback_ex(b, on_bio);
+    }
 }
 
 /* Reads what the client has, up to `cap` bytes, into `buf`. Sets client_eof or
  * client_dead when the client ends; clears cr_ready when it would block. */
-static size_t client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+size_t pgw_client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     if (c->ssl) {
         /* One record per SSL_read: fill the buffer, so the peer gets one write. */
         size_t got = 0;
-        c->tls_short = 0;
         while (got < cap) {
             size_t r = 0;
             if (SSL_read_ex(c->ssl, buf + got, cap - got, &r)) {
                 got += r;
-                /* The socket was drained and OpenSSL holds nothing more: the
-                 * next bytes bring a new edge, so no read just to see EAGAIN
-                 * (one syscall per chunk). A reported FIN is read to its end. */
-                if (c->tls_short && !SSL_has_pending(c->ssl) && !c->c_hup) {
-                    c->cr_ready = 0;
+                if (c->bio_drained && !c->c_hup && !SSL_has_pending(c->ssl)) {
+                    c->cr_ready = 0; /* drained, and OpenSSL holds nothing more */
                     break;
                 }
                 continue;
@@ -227,7 +230,7 @@ static size_t client_send(pgw_conn *c, const uint8_t *p, size_t n) {
     return done;
 }
 
-static size_t compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+size_t pgw_compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     for (;;) {
         ssize_t r = recv(c->pfd, buf, cap, 0);
         if (r > 0) {
@@ -247,7 +250,7 @@ static size_t compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     }
 }
 
-static size_t compute_send(pgw_conn *c, const uint8_t *p, size_t n) {
+size_t pgw_compute_send(pgw_conn *c, const uint8_t *p, size_t n) {
     size_t done = 0;
     while (done < n) {
         ssize_t r = send(c->pfd, p + done, n - done, MSG_NOSIGNAL);
@@ -267,7 +270,7 @@ static size_t compute_send(pgw_conn *c, const uint8_t *p, size_t n) {
 }
 
 /* Sends `p` on to a side now when nothing is queued before it; queues the rest. */
-static void to_client(pgw_conn *c, const uint8_t *p, size_t n) {
+void pgw_send_client(pgw_conn *c, const uint8_t *p, size_t n) {
     size_t done = 0;
     if (c->client_dead)
         return;
@@ -277,12 +280,12 @@ static void to_client(pgw_conn *c, const uint8_t *p, size_t n) {
         client_failed(c, PGW_WHY_NOMEM);
 }
 
-static void to_compute(pgw_conn *c, const uint8_t *p, size_t n) {
+void pgw_send_compute(pgw_conn *c, const uint8_t *p, size_t n) {
     size_t done = 0;
     if (c->pfd < 0 || c->pwhy)
         return;
     if (!c->to_compute.len && c->pw_ready)
-        done = compute_send(c, p, n);
+        done = pgw_compute_send(c, p, n);
     if (done < n && !c->pwhy && pgw_buf_append(&c->to_compute, p + done, n - done) < 0)
         c->pwhy = PGW_WHY_NOMEM;
 }
@@ -314,7 +317,7 @@ static int flush_compute(pgw_conn *c) {
     if (c->pfd < 0)
         return 0;
     if (c->to_compute.len && c->pw_ready && !c->pwhy) {
-        size_t n = compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
+        size_t n = pgw_compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
         pgw_buf_consume(&c->to_compute, n);
         moved = n > 0;
     }
@@ -325,7 +328,7 @@ static int flush_compute(pgw_conn *c) {
     return moved;
 }
 
-static void drop_compute(pgw_conn *c, int epfd) {
+void pgw_drop_compute(pgw_conn *c, int epfd) {
     if (c->pfd >= 0) {
         epoll_ctl(epfd, EPOLL_CTL_DEL, c->pfd, NULL);
         close(c->pfd);
@@ -335,7 +338,7 @@ static void drop_compute(pgw_conn *c, int epfd) {
 }
 
 void pgw_release(pgw_conn *c, int epfd) {
-    drop_compute(c, epfd);
+    pgw_drop_compute(c, epfd);
     if (c->ssl) {
         SSL_free(c->ssl);
         c->ssl = NULL;
@@ -378,7 +381,7 @@ static void finalize(pgw_worker *w, pgw_conn *c, const char *reason) {
     pgw_release(c, w->epfd);
     c->mode = PGW_MODE_CLOSING;
     c->dead = 1;
-    emit_reason(pgw_worker_engine(w), c, PGW_EV_CLOSED, 0, reason);
+    pgw_emit_reason(pgw_worker_engine(w), c, PGW_EV_CLOSED, 0, reason);
 }
 
 /* close(): flush what is queued (unless aborting), then close. 1 once closed. */
@@ -457,7 +460,7 @@ static int python_step(pgw_worker *w, pgw_conn *c) {
     int did = 0;
     if (c->cr_ready && !c->paused && !c->client_eof && !c->client_dead &&
         c->in.len < PGW_HIGH_WATER) {
-        size_t n = client_recv(c, w->buf, PGW_READ_BUFFER);
+        size_t n = pgw_client_recv(c, w->buf, PGW_READ_BUFFER);
         if (n) {
             c->last_activity = pgw_now();
             if (pgw_buf_append(&c->in, w->buf, n) < 0)
@@ -470,185 +473,6 @@ static int python_step(pgw_worker *w, pgw_conn *c) {
     if (!c->readable_sent && (c->in.len || c->client_eof || c->client_dead)) {
         c->readable_sent = 1;
         pgw_emit(pgw_worker_engine(w), pgw_event_new(c, PGW_EV_READABLE));
-    }
-    return did;
-}
-
-/* ---- SPLICE mode ---- */
-
-static int outstanding(const pgw_conn *c) {
-    return c->front.requests > c->back.ready_count || c->front.unsynced;
-}
-
-/* proxy/splice.py's Splice.idle: idle outside a transaction, nothing asked. */
-static int splice_idle(const pgw_conn *c) {
-    return pgw_backend_idle(&c->back) && !outstanding(c);
-}
-
-/* SPLICE -> PYTHON: the compute fd goes back to Python with `held` (compute
- * bytes not forwarded). Client bytes not yet written to the compute become
- * readable by Python again, ahead of anything the client sends next. */
-static void do_yield(pgw_worker *w, pgw_conn *c, const char *reason, const uint8_t *held,
-                     size_t held_len) {
-    pgw_event *ev = pgw_event_new(c, PGW_EV_YIELDED);
-    if (ev && held_len) {
-        ev->data = malloc(held_len);
-        if (ev->data) {
-            memcpy(ev->data, held, held_len);
-            ev->len = held_len;
-        } else {
-            free(ev);
-            ev = NULL;
-        }
-    }
-    if (!ev) { /* cannot hand the compute back: end the splice as if it went */
-        drop_compute(c, w->epfd);
-        c->mode = PGW_MODE_PYTHON;
-        c->paused = 1;
-        c->yield_when = 0;
-        emit_reason(pgw_worker_engine(w), c, PGW_EV_COMPUTE_CLOSED, PGW_WHY_NOMEM, NULL);
-        return;
-    }
-    epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->pfd, NULL);
-    ev->fd = c->pfd;
-    c->pfd = -1;
-    pgw_buf_free(&c->in);
-    c->in = c->to_compute;
-    memset(&c->to_compute, 0, sizeof c->to_compute);
-    c->mode = PGW_MODE_PYTHON;
-    c->paused = 1;
-    c->yield_when = 0;
-    c->client_hold = c->cblock = c->pblock = 0;
-    c->readable_sent = 0;
-    c->compute_shut = 0;
-    snprintf(ev->reason, sizeof ev->reason, "%s", reason);
-    pgw_emit(pgw_worker_engine(w), ev);
-}
-
-/* The compute closed or failed: the conn goes back to Python, reading paused. */
-static void compute_gone(pgw_worker *w, pgw_conn *c) {
-    int why = c->pwhy ? c->pwhy : PGW_WHY_EOF;
-    drop_compute(c, w->epfd);
-    c->mode = PGW_MODE_PYTHON;
-    c->paused = 1;
-    c->yield_when = 0;
-    c->client_hold = c->cblock = c->pblock = 0;
-    c->readable_sent = 0;
-    emit_reason(pgw_worker_engine(w), c, PGW_EV_COMPUTE_CLOSED, why, NULL);
-}
-
-/* The client closed or failed: the compute gets what is queued for it (one
- * try) and is closed; Python reads the final state, then closes. */
-static void client_gone(pgw_worker *w, pgw_conn *c) {
-    int why = c->cwhy ? c->cwhy : PGW_WHY_EOF;
-    if (c->to_compute.len && !c->pwhy)
-        compute_send(c, c->to_compute.data + c->to_compute.off, c->to_compute.len);
-    drop_compute(c, w->epfd);
-    /* A clean close_notify still gets ours at close(); a failed client nothing. */
-    if (why != PGW_WHY_EOF)
-        c->client_dead = 1;
-    pgw_buf_free(&c->to_client);
-    c->mode = PGW_MODE_PYTHON;
-    c->paused = 1;
-    c->yield_when = 0;
-    c->readable_sent = 1; /* Python knows: no READABLE for this */
-    emit_reason(pgw_worker_engine(w), c, PGW_EV_CLIENT_CLOSED, why, NULL);
-}
-
-/* A yield asked for: 1 once it happened. */
-static int check_yield(pgw_worker *w, pgw_conn *c) {
-    switch (c->yield_when) {
-    case PGW_YIELD_NOW:
-        do_yield(w, c, "now", NULL, 0);
-        return 1;
-    case PGW_YIELD_BOUNDARY:
-        c->client_hold = 1;
-        if (pgw_at_boundary(&c->back.f)) {
-            do_yield(w, c, "boundary", NULL, 0);
-            return 1;
-        }
-        return 0;
-    case PGW_YIELD_IDLE:
-        if (!c->to_compute.len && splice_idle(c) && pgw_at_boundary(&c->front.f)) {
-            do_yield(w, c, "idle", NULL, 0);
-            return 1;
-        }
-        return 0;
-    }
-    return 0;
-}
-
-static int splice_step(pgw_worker *w, pgw_conn *c) {
-    int did = 0;
-    if (c->client_dead || (c->client_eof && c->ssl)) {
-        /* TLS has no half-close: close_notify or EOF ends both directions. */
-        client_gone(w, c);
-        return 1;
-    }
-    if (c->pwhy) {
-        compute_gone(w, c);
-        return 1;
-    }
-    if (check_yield(w, c))
-        return 1;
-    /* compute -> client */
-    if (c->pr_ready && !c->pblock) {
-        size_t n = compute_recv(c, w->buf, PGW_READ_BUFFER);
-        if (n) {
-            did = 1;
-            const uint8_t *p = w->buf;
-            if (p[0] == 'E' && (c->splice_flags & PGW_MAY_PARK) &&
-                pgw_at_boundary(&c->back.f) &&
-                ((c->splice_flags & PGW_REWORD) || splice_idle(c))) {
-                /* A backend says FATAL just before it goes: Python decides
-                 * whether the client ever sees it (a park) or in which words. */
-                do_yield(w, c, "error", p, n);
-                return 1;
-            }
-            c->bytes_from_compute += n;
-            pgw_backend_feed(&c->back, p, n);
-            to_client(c, p, n);
-            if (c->to_client.len >= PGW_HIGH_WATER)
-                c->pblock = 1;
-            if (c->client_dead) {
-                client_gone(w, c);
-                return 1;
-            }
-            if (c->yield_when == PGW_YIELD_IDLE && check_yield(w, c))
-                return 1;
-        } else if (c->pwhy) {
-            compute_gone(w, c);
-            return 1;
-        }
-    }
-    /* client -> compute */
-    if (c->cr_ready && !c->client_eof && !c->cblock && !c->client_hold) {
-        size_t n = client_recv(c, w->buf, PGW_READ_BUFFER);
-        if (n) {
-            did = 1;
-            c->bytes_from_client += n;
-            c->last_activity = pgw_now();
-            pgw_frontend_feed(&c->front, w->buf, n);
-            to_compute(c, w->buf, n);
-            if (c->to_compute.len >= PGW_HIGH_WATER)
-                c->cblock = 1;
-            if (c->pwhy) {
-                compute_gone(w, c);
-                return 1;
-            }
-        }
-        if (c->client_dead || (c->client_eof && c->ssl)) {
-            client_gone(w, c);
-            return 1;
-        }
-        if (c->client_eof)
-            did = 1;
-    }
-    /* A plaintext client's EOF goes on to the compute once its bytes are there;
-     * the compute is read to its end. */
-    if (c->client_eof && !c->compute_shut && !c->to_compute.len) {
-        shutdown(c->pfd, SHUT_WR);
-        c->compute_shut = 1;
     }
     return did;
 }
@@ -675,7 +499,7 @@ void pgw_progress(pgw_worker *w, pgw_conn *c) {
             if (close_step(w, c))
                 return;
         } else if (c->mode == PGW_MODE_SPLICE) {
-            did |= splice_step(w, c);
+            did |= pgw_splice_step(w, c);
         } else if (c->mode == PGW_MODE_PYTHON) {
             did |= python_step(w, c);
         }

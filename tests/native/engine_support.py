@@ -47,14 +47,20 @@ class EventWaiter:
 
     def wait(self, conn_id: int, kind: int, deadline: float = DEADLINE) -> object:
         """The payload of the first `kind` event of `conn_id` (taken from the queue)."""
+        return self.wait_any(conn_id, (kind,), deadline)[1]
+
+    def wait_any(
+        self, conn_id: int, kinds: tuple[int, ...], deadline: float = DEADLINE
+    ) -> tuple[int, object]:
+        """The first event of `conn_id` whose kind is one of `kinds`: (kind, payload)."""
         end = time.monotonic() + deadline
         while True:
             for i, (cid, k, payload) in enumerate(self.pending):
-                if cid == conn_id and k == kind:
+                if cid == conn_id and k in kinds:
                     del self.pending[i]
-                    return payload
+                    return k, payload
             left = end - time.monotonic()
-            assert left > 0, f"no event {kind} for conn {conn_id}; got {self.pending}"
+            assert left > 0, f"no event {kinds} for conn {conn_id}; got {self.pending}"
             self.poll(left)
 
     def kinds(self, conn_id: int) -> list[int]:
@@ -91,7 +97,8 @@ def hand_over(sock: socket.socket) -> int:
 def recv_exactly(sock: socket.socket | ssl.SSLSocket, size: int) -> bytes:
     data = b""
     while len(data) < size:
-        chunk = sock.recv(size - len(data))
+        # Bounded: an SSL socket allocates the whole size asked for on every call.
+        chunk = sock.recv(min(size - len(data), 256 * 1024))
         assert chunk, f"EOF after {len(data)} of {size} bytes"
         data += chunk
     return data

@@ -332,3 +332,47 @@ def shutdown_closes_everything(ew: EventWaiter, certs: Certificates) -> None:
         ew.engine.accept(server.fileno(), False)
     server.close()
     client.close()
+
+
+def test_python_mode_buffers_at_most_high_water_per_read(engine: EventWaiter) -> None:
+    """A client that sends more than Python reads is not read further once the
+    engine holds HIGH_WATER: every read() returns at most that plus one chunk."""
+    cid, client = open_plain(engine)
+    blob = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    client.settimeout(DEADLINE * 6)
+    sender = threading.Thread(target=client.sendall, args=(blob,))
+    sender.start()
+    got = bytearray()
+    while len(got) < len(blob):
+        engine.wait(cid, dataplane.READABLE)
+        chunk = engine.engine.read(cid)
+        assert chunk is not None
+        assert len(chunk) <= dataplane.HIGH_WATER + 64 * 1024
+        got += chunk
+    sender.join(DEADLINE)
+    assert bytes(got) == blob
+
+
+def test_close_during_the_handshake(engine: EventWaiter, certs: Certificates) -> None:
+    tls_engine(engine, certs)
+    client, server = tcp_pair()
+    engine.track(client)
+    cid = engine.engine.accept(hand_over(server), True)
+    engine.engine.close(cid)  # the client never sent its ClientHello
+    assert engine.wait(cid, dataplane.CLOSED) == "closed"
+    assert recv_to_eof(client) == b""
+
+
+def test_close_gives_up_on_a_client_that_never_reads(engine: EventWaiter) -> None:
+    """close() flushes, but not forever: a client that reads nothing does not
+    keep the connection (and its queue) alive."""
+    cid, client = open_plain(engine)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    with pytest.raises(BufferError):  # the queue's bound
+        engine.engine.write(cid, bytes(16 * 1024 * 1024 + 1))
+    queued = engine.engine.write(cid, bytes(16 * 1024 * 1024 - 1))
+    assert queued > 0
+    engine.engine.close(cid)
+    assert engine.wait(cid, dataplane.CLOSED) == "closed"
+    with pytest.raises(ValueError):
+        engine.engine.state(cid)

@@ -161,6 +161,9 @@ def test_slow_client_never_makes_the_engine_buffer_without_bound(
 ) -> None:
     cid, client, compute = spliced(engine, certs, tls)
     blob = _copy_data(24 << 20)
+    # The sender waits while the client drains the kernel's buffers and the
+    # engine's queue (megabytes, slow under a sanitizer): a longer deadline.
+    compute.settimeout(DEADLINE * 6)
     sender = threading.Thread(target=compute.sendall, args=(blob,))
     sender.start()
     peak = 0
@@ -196,6 +199,7 @@ def test_slow_compute_never_makes_the_engine_buffer_without_bound(
     sndbuf = engine_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     engine.engine.splice(cid, hand_over(engine_side), b"", 0, ord("I"))
     blob = _copy_data(24 << 20)
+    client.settimeout(DEADLINE * 6)
     sender = threading.Thread(target=client.sendall, args=(blob,))
     sender.start()
 
