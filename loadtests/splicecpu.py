@@ -31,7 +31,7 @@ from typing import Any
 
 from loadtests.stack import BenchStack, running_stack, tls_capable_bindir
 from loadtests.stats import print_table, write_result
-from loadtests.throughput import PgBouncer, find_program
+from loadtests.throughput import PgBouncer, find_program, pgbench_figure
 
 TXNS_RE = re.compile(r"number of transactions actually processed: (\d+)")
 
@@ -42,16 +42,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def pgbench_txns(pgbench: str, env: dict[str, str], seconds: int, clients: int) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        pgbench, "-S", "-n", "-c", str(clients), "-j", "2", "-T", str(seconds),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **env},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), seconds + 120)
-    match = TXNS_RE.search(out.decode())
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"pgbench failed ({proc.returncode}): {err.decode()[-500:]}")
-    return int(match.group(1))
+    return int(await pgbench_figure(pgbench, env, seconds, clients, TXNS_RE))
 
 
 async def prepare(stack: BenchStack, pgbench: str, scale: int) -> dict[str, str]:

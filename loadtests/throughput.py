@@ -120,17 +120,23 @@ logfile = {self.dir}/pgbouncer.log
             self.proc.wait(10)
 
 
-async def pgbench(pgbench_bin: str, env: dict[str, str], seconds: int, clients: int) -> float:
+async def pgbench_figure(pgbench_bin: str, env: dict[str, str], seconds: int, clients: int,
+                         figure: re.Pattern[str]) -> str:
+    """One select-only pgbench run; the group of `figure` in its report."""
     proc = await asyncio.create_subprocess_exec(
         pgbench_bin, "-S", "-n", "-c", str(clients), "-j", "2", "-T", str(seconds),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **env},
     )
     out, err = await asyncio.wait_for(proc.communicate(), seconds + 120)
-    match = TPS_RE.search(out.decode())
+    match = figure.search(out.decode())
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"pgbench failed ({proc.returncode}): {err.decode()[-500:]}")
-    return float(match.group(1))
+    return match.group(1)
+
+
+async def pgbench(pgbench_bin: str, env: dict[str, str], seconds: int, clients: int) -> float:
+    return float(await pgbench_figure(pgbench_bin, env, seconds, clients, TPS_RE))
 
 
 async def run(rounds: int, seconds: int, clients: int, scale: int) -> dict[str, Any]:
