@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -81,7 +80,6 @@ class NativePlane:
     def __init__(self, module: ModuleType, threads: int, server_tls: ServerTLS | None):
         self.module = module
         self.engine = module.Engine(threads)
-        self.threads = threads
         self.server_tls = server_tls
         self._handlers: dict[int, ConnHandler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,10 +122,6 @@ class NativePlane:
     def unregister(self, conn_id: int) -> None:
         self._handlers.pop(conn_id, None)
 
-    @property
-    def connections(self) -> int:
-        return len(self._handlers)
-
     def pump(self) -> None:
         """Hand every queued event to its connection (called when the eventfd is
         readable; a handler's exception is logged, never lost in the loop)."""
@@ -150,14 +144,11 @@ class NativePlane:
 
 
 def open_plane(
-    requested: str, threads: int, server_tls: ServerTLS | None,
-    note: Callable[[Choice], None] | None = None,
+    requested: str, threads: int, server_tls: ServerTLS | None
 ) -> tuple[Choice, NativePlane | None]:
     """The data path a proxy will use, with its engine when it is the native one."""
     if threads < 1:
         raise ValueError("--data-plane-threads must be at least 1")
     choice, module = choose(requested, threads)
     plane = NativePlane(module, threads, server_tls) if module is not None else None
-    if note is not None:
-        note(choice)
     return choice, plane

@@ -86,42 +86,28 @@ _FRESH = EngineState(0, b"I", 0, 0, False, False, False, False, False, False,
                      True, True, _READY, 0.0, 0, 0, 0)
 
 
-class FrontendView:
-    """The client side's tracker as the registry reads it, whichever phase runs."""
+@dataclass(frozen=True)
+class FrontendReading:
+    """The client side's tracker as the registry reads it: one reading of the engine
+    (or of the Python phase's tracker), not a call to the engine per attribute."""
 
-    def __init__(self, splice: NativeSplice):
-        self._splice = splice
-
-    @property
-    def requests(self) -> int:
-        return self._splice.requests
-
-    def __getattr__(self, name: str) -> Any:
-        splice = self._splice
-        if splice.python is not None:
-            return getattr(splice.python.frontend, name)
-        state = splice.state()
-        return {
-            "unsynced": state.unsynced, "terminated": state.terminated,
-            "broken": state.front_broken, "at_boundary": state.front_at_boundary,
-            "last_activity": state.last_activity,
-        }[name]
+    requests: int
+    unsynced: bool
+    terminated: bool
+    broken: bool
+    at_boundary: bool
+    last_activity: float
 
 
-class BackendView:
-    def __init__(self, splice: NativeSplice):
-        self._splice = splice
-
-    def __getattr__(self, name: str) -> Any:
-        splice = self._splice
-        if splice.python is not None:
-            return getattr(splice.python.backend, name)
-        state = splice.state()
-        return {
-            "status": state.status, "copying": state.copying, "broken": state.back_broken,
-            "at_boundary": state.back_at_boundary, "fatal": state.fatal,
-            "idle": state.idle, "last_type": state.back_last_type,
-        }[name]
+@dataclass(frozen=True)
+class BackendReading:
+    status: bytes
+    copying: bool
+    broken: bool
+    at_boundary: bool
+    fatal: bool
+    idle: bool
+    last_type: int
 
 
 class NativeSplice:
@@ -161,8 +147,6 @@ class NativeSplice:
         self.query_running_at_end = False
         self.error_sent: str | None = None
         self.client_terminated = False
-        self.frontend = FrontendView(self)
-        self.backend = BackendView(self)
 
     # -- what the registry and activity read --------------------------------------------
 
@@ -175,6 +159,32 @@ class NativeSplice:
             return EngineState.read(self.engine.state(self.client.conn_id))
         except ValueError:
             return _GONE  # the connection is gone: the phases' own counters stand
+
+    @property
+    def frontend(self) -> FrontendReading:
+        py = self.python
+        if py is not None:
+            front = py.frontend
+            return FrontendReading(self._requests_base + front.requests, front.unsynced,
+                                   front.terminated, front.broken, front.at_boundary,
+                                   front.last_activity)
+        state = self.state()
+        requests = self._requests_base + (state.requests if self._native else 0)
+        return FrontendReading(requests, state.unsynced, state.terminated,
+                               state.front_broken, state.front_at_boundary,
+                               state.last_activity)
+
+    @property
+    def backend(self) -> BackendReading:
+        py = self.python
+        if py is not None:
+            back = py.backend
+            return BackendReading(back.status, back.copying, back.broken, back.at_boundary,
+                                  back.fatal, back.idle, back.last_type)
+        state = self.state()
+        return BackendReading(state.status, state.copying, state.back_broken,
+                              state.back_at_boundary, state.fatal, state.idle,
+                              state.back_last_type)
 
     @property
     def requests(self) -> int:

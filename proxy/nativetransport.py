@@ -144,6 +144,11 @@ class NativeTransport(asyncio.Transport):
             queued = self.engine.write(self.conn_id, bytes(data))
         except (ValueError, RuntimeError):
             return  # the connection is ending: nobody reads this any more
+        except BufferError:
+            # Past the engine's hard bound on what waits for the client (the writer
+            # ignored pause_writing): end the connection rather than hold more.
+            self.abort()
+            return
         if queued > self._high and not self._write_paused and self._protocol is not None:
             self._write_paused = True
             self._protocol.pause_writing()
@@ -184,16 +189,12 @@ class NativeTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "pgwake_tls":
             return self.tls
-        if name == "pgwake_native":
-            return True
         return super().get_extra_info(name, default)
 
 
 class _Discard(asyncio.Protocol):
-    """The protocol of a transport whose socket was handed on: hears nothing more."""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
+    """The protocol of a transport whose socket was handed on: hears nothing more
+    (asyncio.Protocol's methods all do nothing)."""
 
 
 def detach_socket(transport: asyncio.BaseTransport) -> int:

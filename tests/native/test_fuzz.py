@@ -2,7 +2,7 @@
 
 fuzz_tracker: the trackers (tracker.c) against a whole-message reference
 parser, on random streams in random chunks. fuzz_tls: a server SSL built as
-the engine builds it (tls_native.c when the tree has it), fed client records
+the engine builds it (tls_native.c), fed client records
 of every shape through memory BIOs, its plaintext fed to the frontend tracker.
 Each runs for FUZZ_SECONDS from a seed corpus of real message sequences and a
 real ClientHello, with a fixed -seed; any crash, sanitizer report, leak,
@@ -249,13 +249,9 @@ def tls_seeds() -> list[bytes]:
 
 
 def test_fuzz_tls(tmp_path: Path) -> None:
-    sources = [FUZZ / "fuzz_tls.c", NATIVE / "tracker.c"]
-    defines: tuple[str, ...] = ()
-    if (NATIVE / "tls_native.c").exists():
-        # The engine's own SSL set-up; without it, the harness's copy of its settings.
-        sources.append(NATIVE / "tls_native.c")
-        defines = ("-DPGW_FUZZ_TLS_NATIVE",)
-    binary = build(tmp_path, "fuzz_tls", sources, defines, ("-lssl", "-lcrypto"))
+    # The engine's own SSL set-up (tls_native.c), so the harness tests what runs.
+    sources = [FUZZ / "fuzz_tls.c", NATIVE / "tracker.c", NATIVE / "tls_native.c"]
+    binary = build(tmp_path, "fuzz_tls", sources, (), ("-lssl", "-lcrypto"))
     corpus = write_corpus(tmp_path / "corpus", tls_seeds())
     # Whole sessions from the start: libFuzzer's slowly growing length limit
     # would otherwise keep the mutations shorter than one handshake for a while.

@@ -1,10 +1,9 @@
 /* libFuzzer harness for TLS record edge cases on the server side of the native
- * data plane: a server SSL built the way the engine builds it (tls_native.c's
- * table and pgw_tls_new_ssl when compiled with -DPGW_FUZZ_TLS_NATIVE; otherwise
- * a context with the same settings made here), on memory BIOs, its plaintext
+ * data plane: a server SSL built by the engine's own code (tls_native.c's table
+ * and pgw_tls_new_ssl), on memory BIOs, its plaintext
  * read into one fixed buffer and fed to the frontend tracker, as the engine does.
  *
- *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -DPGW_FUZZ_TLS_NATIVE -I.. \
+ *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -I.. \
  *       fuzz_tls.c ../tls_native.c ../tracker.c -lssl -lcrypto
  *   .venv/bin/python -m tests.native.test_fuzz seeds   # (from the repository root)
  *   ASAN_OPTIONS=quarantine_size_mb=16 ./a.out -len_control=0 -max_len=2048 seeds/tls
@@ -43,20 +42,14 @@
 #include <openssl/x509.h>
 
 #include "tracker.h"
-#ifdef PGW_FUZZ_TLS_NATIVE
 #include "tls_native.h"
-#endif
 
 #define MAX_OPS 96
 /* The engine reads a TLS record's plaintext into a fixed per-thread buffer. */
 #define PLAIN_BUF 16384
 
 static struct {
-#ifdef PGW_FUZZ_TLS_NATIVE
     pgw_tls_table *table;
-#else
-    SSL_CTX *server;
-#endif
     SSL_CTX *client[2]; /* TLS 1.2 only, TLS 1.3 only */
 } G;
 
@@ -90,7 +83,6 @@ static void make_cert(EVP_PKEY **key_out, X509 **cert_out, const char *cn)
     *cert_out = cert;
 }
 
-#ifdef PGW_FUZZ_TLS_NATIVE
 static void write_pem(const char *path, EVP_PKEY *key, X509 *cert)
 {
     FILE *f = fopen(path, "w");
@@ -141,64 +133,6 @@ static SSL *new_server(pgw_tls_choice *choice)
     /* fd -1: its socket BIO is replaced by memory BIOs below. */
     return pgw_tls_new_ssl(G.table, -1, choice);
 }
-#else
-static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
-                   const unsigned char *in, unsigned int inlen, void *arg)
-{
-    static const unsigned char pg[] = "\x0apostgresql";
-    (void)ssl;
-    (void)arg;
-    unsigned char *selected;
-    unsigned char selected_len;
-    if (SSL_select_next_proto(&selected, &selected_len, pg, sizeof pg - 1, in, inlen) !=
-        OPENSSL_NPN_NEGOTIATED)
-        return SSL_TLSEXT_ERR_NOACK;
-    *out = selected;
-    *outlen = selected_len;
-    return SSL_TLSEXT_ERR_OK;
-}
-
-static void setup_server(void)
-{
-    /* tls_native.c's settings, for a tree where it is not written yet. */
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    check(ctx != NULL, "SSL_CTX_new");
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET |
-                                 SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
-    SSL_CTX_set_num_tickets(ctx, 0);
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
-                              SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-    SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
-    EVP_PKEY *key;
-    X509 *cert;
-    make_cert(&key, &cert, "default");
-    check(SSL_CTX_use_certificate(ctx, cert) == 1 && SSL_CTX_use_PrivateKey(ctx, key) == 1,
-          "use cert");
-    EVP_PKEY_free(key);
-    X509_free(cert);
-    G.server = ctx;
-}
-
-typedef struct {
-    int cert_index;
-    char *server_name;
-    int failed;
-} pgw_tls_choice;
-
-static SSL *new_server(pgw_tls_choice *choice)
-{
-    choice->cert_index = -1;
-    choice->server_name = NULL;
-    choice->failed = 0;
-    SSL *ssl = SSL_new(G.server);
-    if (ssl)
-        SSL_set_accept_state(ssl);
-    return ssl;
-}
-#endif
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
