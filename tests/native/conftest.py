@@ -1,12 +1,15 @@
-"""Fixtures of the native tests: the C trackers, built from the worktree's sources."""
+"""Fixtures of the native tests: the C trackers, built from the worktree's sources,
+and an engine with test certificates."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
+from tests.native.engine_support import Certificates, EventWaiter, make_certificates
 from tests.native.nativebuild import build_tracker_harness
 
 
@@ -26,3 +29,17 @@ def c_trackers(request: pytest.FixtureRequest, tracker_harness: ModuleType) -> M
     except ImportError as exc:
         pytest.skip(f"proxy._dataplane is not built ({exc}); the harness build covers tracker.c")
     return module
+
+
+@pytest.fixture
+def engine() -> Iterator[EventWaiter]:
+    """A two-thread engine with its event waiter (the engine tests' default)."""
+    dataplane = pytest.importorskip("proxy._dataplane")
+    ew = EventWaiter(dataplane.Engine(2))
+    yield ew
+    ew.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))

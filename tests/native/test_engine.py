@@ -8,7 +8,6 @@ import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -20,7 +19,6 @@ from tests.native.engine_support import (
     EventWaiter,
     client_context,
     hand_over,
-    make_certificates,
     message,
     recv_exactly,
     recv_to_eof,
@@ -28,18 +26,6 @@ from tests.native.engine_support import (
 )
 
 dataplane = pytest.importorskip("proxy._dataplane")
-
-
-@pytest.fixture
-def engine() -> Iterator[EventWaiter]:
-    ew = EventWaiter(dataplane.Engine(2))
-    yield ew
-    ew.close()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def tls_engine(engine: EventWaiter, certs: Certificates) -> EventWaiter:

@@ -19,7 +19,6 @@ from tests.native.engine_support import (
     Certificates,
     EventWaiter,
     hand_over,
-    make_certificates,
     query,
     recv_exactly,
 )
@@ -38,17 +37,11 @@ def pg_socket() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
 @pytest.fixture
-def engine(certs: Certificates) -> Iterator[EventWaiter]:
-    ew = EventWaiter(dataplane.Engine(2))
-    ew.engine.set_certificates(*certs.engine_args())
-    yield ew
-    ew.close()
+def engine(engine: EventWaiter, certs: Certificates) -> EventWaiter:
+    """The conftest's engine, with the test certificates loaded."""
+    engine.engine.set_certificates(*certs.engine_args())
+    return engine
 
 
 def read_messages_until_ready(sock: socket.socket) -> bytes:

@@ -12,7 +12,6 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +23,6 @@ from tests.native.engine_support import (
     data_row,
     error,
     hand_over,
-    make_certificates,
     message,
     query,
     ready,
@@ -41,18 +39,6 @@ FRONT_BROKEN, BACK_BROKEN, TERMINATED, FRONT_AT_BOUNDARY, BACK_AT_BOUNDARY = ran
 BACK_LAST_TYPE, LAST_CLIENT_ACTIVITY, FROM_CLIENT, FROM_COMPUTE, CLIENT_QUEUED = range(12, 17)
 
 COMPLETE = message(b"C", b"SELECT 1\0")
-
-
-@pytest.fixture
-def engine() -> Iterator[EventWaiter]:
-    ew = EventWaiter(dataplane.Engine(2))
-    yield ew
-    ew.close()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 Client = socket.socket | ssl.SSLSocket
