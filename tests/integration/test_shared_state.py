@@ -352,19 +352,28 @@ class Relay:
         self.writers.add(writer)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers.add(up_writer)
+        seen: list[bytes] = []  # this connection's requests so far (for `before_answer`)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       answers: bool) -> None:
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
+                    if answers:
+                        await self.before_answer(seen)
+                    else:
+                        seen.append(data)
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
         finally:
             self.writers.discard(writer)
             self.writers.discard(up_writer)
+
+    async def before_answer(self, requests: list[bytes]) -> None:
+        """Called before each chunk of an answer is passed on (a subclass may hold it)."""
 
 
 class CountingControl(ControlClient):

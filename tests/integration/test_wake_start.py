@@ -5,7 +5,6 @@ address reaches the proxy that asked (pushed once the compute is ready, ahead of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import sys
@@ -17,11 +16,11 @@ import pytest
 from pgwake.up import Up
 from tests.helpers import run, running_up
 from tests.integration.test_shared_state import (  # noqa: F401 (fixtures)
+    Relay,
     rstack,
     select_one,
     side_proxy,
 )
-from tests.servers import free_port
 from wakeup.api import ControlAPIError, ControlClient, CreatedEndpoint
 from wakeup.provisioners.base import Tier
 from wakeup.provisioners.local import LocalProvisioner
@@ -161,61 +160,23 @@ async def test_a_start_that_fails_leaves_the_endpoint_suspended_and_the_next_one
     assert await first_row(stack, ep) == (1,)
 
 
-class AnswerHoldingRelay:
+class AnswerHoldingRelay(Relay):
     """A TCP relay in front of the real control API that passes requests at once but
     holds the answer on any connection that asked for a wake, until `release` is set."""
 
     def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = free_port()
+        super().__init__(target_port)
         self.release = asyncio.Event()
         self.holding = 0  # wake answers waiting for `release` right now
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.writers):
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers.add(up_writer)
-        asked_wake = False
-
-        async def requests() -> None:
-            nonlocal asked_wake
-            with contextlib.suppress(OSError):
-                while data := await reader.read(65536):
-                    asked_wake = asked_wake or b"/wake " in data
-                    up_writer.write(data)
-                    await up_writer.drain()
-            up_writer.close()
-
-        async def answers() -> None:
-            with contextlib.suppress(OSError):
-                while data := await up_reader.read(65536):
-                    if asked_wake and not self.release.is_set():
-                        self.holding += 1
-                        try:
-                            await self.release.wait()
-                        finally:
-                            self.holding -= 1
-                    writer.write(data)
-                    await writer.drain()
-            writer.close()
-
+    async def before_answer(self, requests: list[bytes]) -> None:
+        if self.release.is_set() or not any(b"/wake " in data for data in requests):
+            return
+        self.holding += 1
         try:
-            await asyncio.gather(requests(), answers())
+            await self.release.wait()
         finally:
-            self.writers.discard(writer)
-            self.writers.discard(up_writer)
+            self.holding -= 1
 
 
 async def test_a_woken_address_reaches_the_in_process_proxy_before_the_wake_answer(
