@@ -214,7 +214,7 @@ async def _native_tls(
     transport, stream = _native_stream(plane, fd, True, stream_box, peer)
     try:
         async with asyncio.timeout(timeout):
-            server_name, index, alpn = await transport.ready
+            server_name, index, alpn, _records = await transport.ready
     except TimeoutError:
         raise ConnectionResetError("TLS handshake timed out") from None
     certificates = plane.certificates

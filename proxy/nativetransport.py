@@ -33,7 +33,7 @@ class NativeTransport(asyncio.Transport):
         self.tls = tls
         self._protocol: asyncio.Protocol | None = None
         self._loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[tuple[str | None, int, str | None]] = (
+        self.ready: asyncio.Future[tuple[str | None, int, str | None, str | None]] = (
             self._loop.create_future()
         )
         self.splicing = False  # the engine moves the bytes (SPLICE mode)

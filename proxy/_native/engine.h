@@ -60,6 +60,7 @@ typedef struct pgw_event {
     int fd;         /* YIELDED */
     char *server_name; /* READY: malloc'd, or NULL */
     const char *alpn;  /* READY: static, or NULL */
+    const char *records; /* READY: who does the TLS records ("tls1.3": the engine, "openssl"), or NULL */
     uint8_t *data;  /* YIELDED: malloc'd compute bytes, or NULL */
     size_t len;
     char reason[96];

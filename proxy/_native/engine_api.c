@@ -272,7 +272,7 @@ int pgw_engine_state(pgw_engine *e, uint64_t id, pgw_state *s) {
     s->last_client_activity = c->last_activity;
     s->bytes_from_client = c->bytes_from_client;
     s->bytes_from_compute = c->bytes_from_compute;
-    s->client_queued = c->to_client.len;
+    s->client_queued = c->to_client.len + c->tout.len;
     s->front_skip = c->front.f.skip;
     s->front_head_len = c->front.f.head_len;
     memcpy(s->front_head, c->front.f.head, sizeof s->front_head);

@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 
 #include "engine.h"
+#include "tls_records.h"
 #include "tracker.h"
 
 /* A byte queue, allocated only while it holds bytes: data[off, off + len). */
@@ -47,7 +48,11 @@ typedef struct pgw_conn {
      * (under the worker's kick_mu, like `kicked`). */
     struct pgw_conn *kick_next, *run_next, *free_next, *linger_prev, *linger_next;
     int cfd, pfd;                /* client, compute (-1: none) */
-    SSL *ssl;                    /* NULL: a plaintext client */
+    SSL *ssl;                    /* OpenSSL's records (the handshake, TLS 1.2) */
+    pgw_tls13 *t13;              /* TLS 1.3 records after the handshake; neither: plaintext */
+    pgw_buf rin;                 /* t13: the start of a record not all here yet */
+    pgw_buf tout;                /* t13: sealed records the socket has not taken */
+    const char *tls_why;         /* t13: why the client's TLS failed */
     pgw_tls_table *table;        /* held during the handshake only */
     pgw_tls_choice choice;       /* the SNI decision, until READY */
     pgw_buf in;                  /* PYTHON mode: client bytes Python has not read */
@@ -89,6 +94,9 @@ struct pgw_worker {
     pgw_conn *retired;   /* freed at the end of the loop iteration */
     uint8_t *buf;        /* the per-thread read buffer */
 };
+
+/* A TLS client, whichever code does its records: it has no half-close. */
+static inline int pgw_client_tls(const pgw_conn *c) { return c->ssl || c->t13; }
 
 /* engine.c */
 int pgw_table_insert(pgw_engine *e, pgw_conn *c);

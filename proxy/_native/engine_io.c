@@ -73,6 +73,8 @@ void pgw_reason(const pgw_conn *c, int why, char *out, size_t outlen) {
         snprintf(out, outlen, "eof");
     else if (why == PGW_WHY_NOMEM)
         snprintf(out, outlen, "out of memory");
+    else if (why == PGW_WHY_TLS && c->tls_why)
+        snprintf(out, outlen, "tls error: %s", c->tls_why);
     else if (why == PGW_WHY_TLS) {
         const char *r = c->ssl_err ? ERR_reason_error_string(c->ssl_err) : NULL;
         snprintf(out, outlen, "tls error: %s", r ? r : "protocol error");
@@ -142,9 +144,122 @@ void pgw_watch_reads(pgw_conn *c) {
     }
 }
 
+/* Writes up to `n` bytes to the client's socket as they are; returns how many
+ * it took. */
+static size_t raw_send(pgw_conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = send(c->cfd, p + done, n - done, MSG_NOSIGNAL);
+        if (r > 0) {
+            done += (size_t)r;
+        } else if (r < 0 && errno == EINTR) {
+            continue;
+        } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->cw_ready = 0;
+            break;
+        } else {
+            client_failed(c, r < 0 ? errno : EPIPE);
+            break;
+        }
+    }
+    return done;
+}
+
+/* TLS 1.3 after the handshake (tls_records.h): the client failed its TLS;
+ * the alert it is owed goes out if the socket takes it now. */
+static void t13_failed(pgw_conn *c) {
+    uint8_t alert[32];
+    uint8_t owed = pgw_tls13_alert_owed(c->t13);
+    size_t n = owed && !c->tout.len ? pgw_tls13_alert(c->t13, owed, alert, sizeof alert) : 0;
+    if (n && c->cw_ready)
+        raw_send(c, alert, n);
+    c->tls_why = pgw_tls13_error(c->t13);
+    client_failed(c, PGW_WHY_TLS);
+}
+
+/* Reads records with one recv (read-ahead: as much as `buf` holds) after
+ * what is left of a partial one, and opens them in place: `buf` ends up
+ * holding plaintext only (never more than the ciphertext it came from). */
+static size_t t13_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+    size_t have = c->rin.len, got = 0;
+    int eof = 0;
+    if (cap < 2 * PGW_TLS13_MAX_RECORD)
+        return 0; /* the callers' buffer is PGW_READ_BUFFER */
+    if (have) {
+        memcpy(buf, c->rin.data + c->rin.off, have);
+        pgw_buf_free(&c->rin);
+    }
+    for (;;) {
+        ssize_t r = recv(c->cfd, buf + have, cap - have, 0);
+        if (r > 0) {
+            if ((size_t)r < cap - have && !c->c_hup)
+                c->cr_ready = 0; /* drained: the next bytes bring a new edge */
+            have += (size_t)r;
+        } else if (r == 0) {
+            eof = 1;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->cr_ready = 0;
+        } else {
+            client_failed(c, errno);
+            return 0;
+        }
+        break;
+    }
+    size_t used = 0;
+    int rc = pgw_tls13_open(c->t13, buf, have, &used, &got);
+    if (rc == PGW_TLS13_FAILED) {
+        t13_failed(c);
+    } else if (rc == PGW_TLS13_CLOSED || eof) {
+        /* close_notify, or an EOF (a cut record included), as OpenSSL's
+         * SSL_OP_IGNORE_UNEXPECTED_EOF reads it. */
+        c->client_eof = 1;
+        if (!c->cwhy)
+            c->cwhy = PGW_WHY_EOF;
+    } else if (used < have && pgw_buf_append(&c->rin, buf + used, have - used) < 0) {
+        client_failed(c, PGW_WHY_NOMEM);
+    }
+    if (rc == PGW_TLS13_OK && pgw_tls13_update_owed(c->t13))
+        pgw_send_client(c, NULL, 0); /* the KeyUpdate the client asked for */
+    return got;
+}
+
+/* Sends queued records first; 1 when none are left. */
+static int t13_flush(pgw_conn *c) {
+    if (c->tout.len && c->cw_ready && !c->client_dead)
+        pgw_buf_consume(&c->tout, raw_send(c, c->tout.data + c->tout.off, c->tout.len));
+    if (c->client_dead)
+        pgw_buf_free(&c->tout);
+    return !c->tout.len;
+}
+
+/* Seals p[0, n) and sends it; records the socket does not take wait in tout
+ * (at most one sealing's worth). Returns how much of p was taken. */
+static size_t t13_send(pgw_conn *c, const uint8_t *p, size_t n) {
+    uint8_t records[PGW_TLS13_SEAL_BUFFER];
+    size_t done = 0;
+    while (t13_flush(c) && c->cw_ready && !c->client_dead &&
+           (done < n || pgw_tls13_update_owed(c->t13))) {
+        size_t len = 0;
+        done += pgw_tls13_seal(c->t13, p + done, n - done, records, sizeof records, &len);
+        if (!len) {
+            c->tls_why = pgw_tls13_error(c->t13);
+            client_failed(c, PGW_WHY_TLS);
+            break;
+        }
+        size_t sent = raw_send(c, records, len);
+        if (sent < len && !c->client_dead && pgw_buf_append(&c->tout, records + sent, len - sent) < 0)
+            client_failed(c, PGW_WHY_NOMEM);
+    }
+    return done;
+}
+
 /* Reads what the client has, up to `cap` bytes, into `buf`. Sets client_eof or
  * client_dead when the client ends; clears cr_ready when it would block. */
 size_t pgw_client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
+    if (c->t13)
+        return t13_recv(c, buf, cap);
     if (c->ssl) {
         /* One record per SSL_read: fill the buffer, so the peer gets one write. */
         size_t got = 0;
@@ -194,6 +309,8 @@ size_t pgw_client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
 /* Writes up to `n` bytes to the client; returns how many it took. */
 static size_t client_send(pgw_conn *c, const uint8_t *p, size_t n) {
     size_t done = 0;
+    if (c->t13)
+        return t13_send(c, p, n);
     if (c->ssl) {
         ERR_clear_error(); /* Python's thread shares OpenSSL's per-thread queue */
         while (done < n) {
@@ -213,21 +330,7 @@ static size_t client_send(pgw_conn *c, const uint8_t *p, size_t n) {
         }
         return done;
     }
-    while (done < n) {
-        ssize_t r = send(c->cfd, p + done, n - done, MSG_NOSIGNAL);
-        if (r > 0) {
-            done += (size_t)r;
-        } else if (r < 0 && errno == EINTR) {
-            continue;
-        } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            c->cw_ready = 0;
-            break;
-        } else {
-            client_failed(c, r < 0 ? errno : EPIPE);
-            break;
-        }
-    }
-    return done;
+    return raw_send(c, p, n);
 }
 
 size_t pgw_compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
@@ -276,6 +379,8 @@ void pgw_send_client(pgw_conn *c, const uint8_t *p, size_t n) {
         return;
     if (!c->to_client.len && c->cw_ready)
         done = client_send(c, p, n);
+    if (!n)
+        return;
     if (done < n && !c->client_dead && pgw_buf_append(&c->to_client, p + done, n - done) < 0)
         client_failed(c, PGW_WHY_NOMEM);
 }
@@ -292,10 +397,15 @@ void pgw_send_compute(pgw_conn *c, const uint8_t *p, size_t n) {
 
 int pgw_flush_client(pgw_engine *e, pgw_conn *c) {
     int moved = 0;
+    if (c->t13 && c->tout.len && c->cw_ready) {
+        size_t before = c->tout.len;
+        t13_flush(c);
+        moved = c->tout.len < before;
+    }
     if (c->to_client.len && c->cw_ready && !c->client_dead) {
         size_t n = client_send(c, c->to_client.data + c->to_client.off, c->to_client.len);
         pgw_buf_consume(&c->to_client, n);
-        moved = n > 0;
+        moved |= n > 0;
     }
     if (c->client_dead)
         pgw_buf_free(&c->to_client);
@@ -343,6 +453,10 @@ void pgw_release(pgw_conn *c, int epfd) {
         SSL_free(c->ssl);
         c->ssl = NULL;
     }
+    pgw_tls13_free(c->t13);
+    c->t13 = NULL;
+    pgw_buf_free(&c->rin);
+    pgw_buf_free(&c->tout);
     if (c->cfd >= 0) {
         if (epfd >= 0)
             epoll_ctl(epfd, EPOLL_CTL_DEL, c->cfd, NULL);
@@ -351,8 +465,7 @@ void pgw_release(pgw_conn *c, int epfd) {
     }
     pgw_buf_free(&c->in);
     pgw_buf_free(&c->to_client);
-    free(c->choice.server_name);
-    c->choice.server_name = NULL;
+    pgw_tls_choice_clear(&c->choice);
     pgw_tls_table_unref(c->table);
     c->table = NULL;
 }
@@ -377,6 +490,12 @@ static void finalize(pgw_worker *w, pgw_conn *c, const char *reason) {
         SSL_shutdown(c->ssl); /* close_notify, best effort: never waited for */
         ERR_clear_error();
     }
+    if (c->t13 && !c->abort_req && !c->client_dead && !c->tout.len && c->cw_ready) {
+        uint8_t alert[32];
+        size_t n = pgw_tls13_alert(c->t13, 0, alert, sizeof alert); /* close_notify, likewise */
+        if (n)
+            raw_send(c, alert, n);
+    }
     unlinger(w, c);
     pgw_release(c, w->epfd);
     c->mode = PGW_MODE_CLOSING;
@@ -390,7 +509,7 @@ static int close_step(pgw_worker *w, pgw_conn *c) {
         c->mode = PGW_MODE_CLOSING; /* nothing more is read */
         pgw_buf_free(&c->in);
     }
-    size_t pending = (c->client_dead ? 0 : c->to_client.len) +
+    size_t pending = (c->client_dead ? 0 : c->to_client.len + c->tout.len) +
                      (c->pfd >= 0 && !c->pwhy ? c->to_compute.len : 0);
     if (c->abort_req || !pending || (c->lingering && pgw_now() >= c->linger_deadline)) {
         finalize(w, c, c->abort_req ? "aborted" : "closed");
@@ -428,6 +547,17 @@ static void handshake(pgw_worker *w, pgw_conn *c) {
         c->choice.server_name = NULL;
         pgw_tls_table_unref(c->table);
         c->table = NULL;
+        /* TLS 1.3: the records are ours from here, and OpenSSL's ~14 KB per
+         * connection go; anything else stays with OpenSSL, reading ahead now. */
+        if ((c->t13 = pgw_tls13_take(c->ssl, &c->choice))) {
+            SSL_free(c->ssl);
+            c->ssl = NULL;
+            ev->records = "tls1.3";
+        } else {
+            SSL_set_read_ahead(c->ssl, 1);
+            ev->records = "openssl";
+        }
+        pgw_tls_choice_clear(&c->choice);
         c->mode = PGW_MODE_PYTHON;
         c->cr_ready = c->cw_ready = 1; /* read-ahead may hold the first bytes already */
         pgw_emit(pgw_worker_engine(w), ev);
@@ -450,6 +580,12 @@ static void handshake(pgw_worker *w, pgw_conn *c) {
     else
         snprintf(reason, sizeof reason, "tls handshake failed: eof");
     ERR_clear_error();
+    /* The handshake reads record by record: what the client sent past the bad
+     * one is unread, and closing over unread bytes would send it a reset
+     * instead of the alert and a FIN. */
+    uint8_t scrap[4096];
+    for (int i = 0; i < 16 && recv(c->cfd, scrap, sizeof scrap, 0) > 0; i++)
+        ;
     c->client_dead = 1; /* no close_notify after a failed handshake */
     finalize(w, c, reason);
 }

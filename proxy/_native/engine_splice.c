@@ -114,7 +114,7 @@ static int check_yield(pgw_worker *w, pgw_conn *c) {
 
 int pgw_splice_step(pgw_worker *w, pgw_conn *c) {
     int did = 0;
-    if (c->client_dead || (c->client_eof && c->ssl)) {
+    if (c->client_dead || (c->client_eof && pgw_client_tls(c))) {
         /* TLS has no half-close: close_notify or EOF ends both directions. */
         client_gone(w, c);
         return 1;
@@ -171,7 +171,7 @@ int pgw_splice_step(pgw_worker *w, pgw_conn *c) {
                 return 1;
             }
         }
-        if (c->client_dead || (c->client_eof && c->ssl)) {
+        if (c->client_dead || (c->client_eof && pgw_client_tls(c))) {
             client_gone(w, c);
             return 1;
         }

@@ -103,7 +103,13 @@ static PyObject *event_payload(pgw_event *ev) {
             Py_DECREF(name);
             return NULL;
         }
-        return Py_BuildValue("(NiN)", name, ev->cert_index, alpn);
+        PyObject *records = ev->records ? PyUnicode_FromString(ev->records) : Py_NewRef(Py_None);
+        if (!records) {
+            Py_DECREF(name);
+            Py_DECREF(alpn);
+            return NULL;
+        }
+        return Py_BuildValue("(NiNN)", name, ev->cert_index, alpn, records);
     }
     case PGW_EV_YIELDED:
         return Py_BuildValue("(iy#s)", ev->fd, ev->data ? (const char *)ev->data : "",

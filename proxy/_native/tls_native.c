@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 
 /* The longest host name DNS allows; an SNI past it matches nothing. */
@@ -123,6 +124,59 @@ static int on_server_name(SSL *ssl, int *alert, void *arg) {
     return SSL_TLSEXT_ERR_OK;
 }
 
+static int unhex(char ch) {
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    if (ch >= 'a' && ch <= 'f')
+        return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F')
+        return ch - 'A' + 10;
+    return -1;
+}
+
+/* OpenSSL hands each secret out as an NSS key-log line: "LABEL <client
+ * random> <secret>", in hex. Only the first application traffic secrets are
+ * kept; a line that does not parse leaves the connection with OpenSSL. */
+static void on_keylog(const SSL *ssl, const char *line) {
+    static const char CLIENT[] = "CLIENT_TRAFFIC_SECRET_0 ", SERVER[] = "SERVER_TRAFFIC_SECRET_0 ";
+    pgw_tls_choice *choice = SSL_get_app_data(ssl);
+    unsigned bit = !strncmp(line, CLIENT, sizeof CLIENT - 1)   ? 1
+                   : !strncmp(line, SERVER, sizeof SERVER - 1) ? 2
+                                                               : 0;
+    if (!bit || !choice)
+        return;
+    const char *hex = strrchr(line, ' ') + 1;
+    size_t n = strlen(hex) / 2;
+    if (strlen(hex) % 2 || !n || n > sizeof choice->secrets->client)
+        return;
+    if (!choice->secrets && !(choice->secrets = calloc(1, sizeof *choice->secrets)))
+        return;
+    pgw_tls_secrets *s = choice->secrets;
+    if (s->have && s->len != n)
+        return;
+    uint8_t *out = bit == 1 ? s->client : s->server;
+    for (size_t i = 0; i < n; i++) {
+        int hi = unhex(hex[2 * i]), lo = unhex(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) {
+            s->have = 0; /* unusable: never half a secret */
+            return;
+        }
+        out[i] = (uint8_t)(hi << 4 | lo);
+    }
+    s->len = n;
+    s->have |= bit;
+}
+
+void pgw_tls_choice_clear(pgw_tls_choice *choice) {
+    free(choice->server_name);
+    choice->server_name = NULL;
+    if (choice->secrets) {
+        OPENSSL_cleanse(choice->secrets, sizeof *choice->secrets);
+        free(choice->secrets);
+        choice->secrets = NULL;
+    }
+}
+
 /* The settings every context gets: after the SNI switch OpenSSL takes some of
  * them (ALPN) from the new context and others (options, tickets) from the first. */
 static SSL_CTX *server_context(char *err, size_t errlen) {
@@ -143,9 +197,9 @@ static SSL_CTX *server_context(char *err, size_t errlen) {
      * buffer may move (the retry comes from the connection's queue). */
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
                               SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-    /* Read-ahead: one read(2) brings in as many records as fit, not one header
-     * then one body. */
-    SSL_CTX_set_read_ahead(ctx, 1);
+    /* The traffic secrets, for the record layer that replaces OpenSSL's
+     * after the handshake (tls_records.h); they never leave the process. */
+    SSL_CTX_set_keylog_callback(ctx, on_keylog);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
     SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
     return ctx;
@@ -263,7 +317,9 @@ SSL *pgw_tls_new_ssl(pgw_tls_table *t, int fd, pgw_tls_choice *choice) {
     choice->cert_index = -1;
     choice->server_name = NULL;
     choice->failed = 0;
+    choice->secrets = NULL;
     SSL_set_app_data(ssl, choice);
+    SSL_set_read_ahead(ssl, 0);
     SSL_set_accept_state(ssl);
     return ssl;
 }

@@ -7,6 +7,7 @@
 #define PGW_TLS_NATIVE_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <openssl/ssl.h>
 
 /* An immutable certificate set. Reference counted: the engine holds one
@@ -29,15 +30,30 @@ pgw_tls_table *pgw_tls_table_new(const char *const *cert_files, const char *cons
 void pgw_tls_table_ref(pgw_tls_table *t);
 void pgw_tls_table_unref(pgw_tls_table *t);
 
-/* What the SNI callback chose, kept by the caller for the READY event. */
+/* A TLS 1.3 connection's first application traffic secrets, caught during
+ * the handshake for tls_records.c (which then replaces the SSL object). */
+typedef struct {
+    uint8_t client[48], server[48];
+    size_t len;
+    unsigned have; /* 1: client's, 2: server's */
+} pgw_tls_secrets;
+
+/* What the SNI callback chose, kept by the caller for the READY event, and the
+ * traffic secrets (malloc'd, only during a TLS 1.3 handshake). */
 typedef struct {
     int cert_index;        /* -1 until the callback ran */
     char *server_name;     /* malloc'd copy of the client's SNI as sent, or NULL */
     int failed;            /* the callback refused the name (not ASCII, too long) */
+    pgw_tls_secrets *secrets;
 } pgw_tls_choice;
 
+/* Frees what `choice` holds (the secrets wiped first). */
+void pgw_tls_choice_clear(pgw_tls_choice *choice);
+
 /* A server SSL for a handshake on `fd` using table `t`; `choice` receives the
- * SNI decision (it must outlive the handshake). NULL on failure. */
+ * SNI decision and the traffic secrets (it must outlive the handshake). Its
+ * read-ahead is off, so the handshake reads no byte past the client's
+ * Finished; NULL on failure. */
 SSL *pgw_tls_new_ssl(pgw_tls_table *t, int fd, pgw_tls_choice *choice);
 
 /* The index `name` maps to (exact, then wildcard suffix, then 0): exposed so the

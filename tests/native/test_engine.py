@@ -49,7 +49,7 @@ def open_plain(ew: EventWaiter) -> tuple[int, socket.socket]:
     client, server = tcp_pair()
     ew.track(client)
     cid = ew.engine.accept(hand_over(server), False)
-    assert ew.wait(cid, dataplane.READY) == (None, -1, None)
+    assert ew.wait(cid, dataplane.READY) == (None, -1, None, None)
     return cid, client
 
 
@@ -90,7 +90,8 @@ def test_sni_picks_the_certificate_and_reports_it(
 ) -> None:
     tls_engine(engine, certs)
     _cid, tls, payload = open_tls(engine, certs, server_name, alpn=["postgresql"])
-    name, cert_index, alpn = payload  # type: ignore[misc]
+    name, cert_index, alpn, records = payload  # type: ignore[misc]
+    assert records == "tls1.3"
     assert cert_index == index
     assert tls.getpeercert(binary_form=True) == certs.der(index)
     if server_name is None:
@@ -109,7 +110,7 @@ def test_alpn_is_postgresql_only_when_offered(
     tls_engine(engine, certs)
     _cid, tls, payload = open_tls(engine, certs, "alpha.test", alpn=offered)
     expected = "postgresql" if offered and "postgresql" in offered else None
-    assert payload == ("alpha.test", 1, expected)
+    assert payload == ("alpha.test", 1, expected, "tls1.3")
     assert tls.selected_alpn_protocol() == expected
     tls.close()
 
@@ -210,7 +211,7 @@ def test_libpq_with_sslmode_require_completes_a_handshake(
         server.sendall(b"S")
         cid = engine.engine.accept(hand_over(server), True)
         # libpq 17+ offers ALPN "postgresql" after an SSLRequest too.
-        assert engine.wait(cid, dataplane.READY) == ("db.alpha.test", 1, "postgresql")
+        assert engine.wait(cid, dataplane.READY) == ("db.alpha.test", 1, "postgresql", "tls1.3")
         engine.wait(cid, dataplane.READABLE)
         head = engine.read_until(cid, 8, dataplane.READABLE)
         length = int.from_bytes(head[:4], "big")

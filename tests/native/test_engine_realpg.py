@@ -115,7 +115,7 @@ def login(engine: EventWaiter, pg_socket: Path) -> tuple[int, Client, socket.soc
     assert recv_exactly(raw, 8) == SSL_REQUEST
     raw.sendall(b"S")
     cid = engine.engine.accept(hand_over(raw), True)
-    assert engine.wait(cid, dataplane.READY) == ("db.alpha.test", 1, "postgresql")
+    assert engine.wait(cid, dataplane.READY) == ("db.alpha.test", 1, "postgresql", "tls1.3")
     engine.wait(cid, dataplane.READABLE)
     head = engine.read_until(cid, 4, dataplane.READABLE)
     length = struct.unpack("!I", head[:4])[0]

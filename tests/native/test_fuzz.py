@@ -249,8 +249,10 @@ def tls_seeds() -> list[bytes]:
 
 
 def test_fuzz_tls(tmp_path: Path) -> None:
-    # The engine's own SSL set-up (tls_native.c), so the harness tests what runs.
-    sources = [FUZZ / "fuzz_tls.c", NATIVE / "tracker.c", NATIVE / "tls_native.c"]
+    # The engine's own SSL set-up (tls_native.c) and TLS 1.3 records (tls_records.c),
+    # so the harness tests what runs.
+    sources = [FUZZ / "fuzz_tls.c", NATIVE / "tracker.c", NATIVE / "tls_native.c",
+               NATIVE / "tls_records.c"]
     binary = build(tmp_path, "fuzz_tls", sources, (), ("-lssl", "-lcrypto"))
     corpus = write_corpus(tmp_path / "corpus", tls_seeds())
     # Whole sessions from the start: libFuzzer's slowly growing length limit

@@ -4,7 +4,7 @@
  * read into one fixed buffer and fed to the frontend tracker, as the engine does.
  *
  *   clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -I.. \
- *       fuzz_tls.c ../tls_native.c ../tracker.c -lssl -lcrypto
+ *       fuzz_tls.c ../tls_native.c ../tls_records.c ../tracker.c -lssl -lcrypto
  *   .venv/bin/python -m tests.native.test_fuzz seeds   # (from the repository root)
  *   ASAN_OPTIONS=quarantine_size_mb=16 ./a.out -len_control=0 -max_len=2048 seeds/tls
  * tests/native/test_fuzz.py builds and runs it for 15 s in the test suite.
@@ -41,12 +41,15 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
-#include "tracker.h"
 #include "tls_native.h"
+#include "tls_records.h"
+#include "tracker.h"
 
 #define MAX_OPS 96
 /* The engine reads a TLS record's plaintext into a fixed per-thread buffer. */
 #define PLAIN_BUF 16384
+/* ... and, with its own TLS 1.3 records, reads ciphertext into one of these. */
+#define RECORD_BUF (64 * 1024)
 
 static struct {
     pgw_tls_table *table;
@@ -54,6 +57,8 @@ static struct {
 } G;
 
 static uint8_t plain[PLAIN_BUF];
+static uint8_t records[RECORD_BUF];
+static uint8_t sealed[PGW_TLS13_SEAL_BUFFER];
 
 static void check(int ok, const char *what)
 {
@@ -181,6 +186,10 @@ static const uint8_t *take(input *in, size_t *len)
 
 typedef struct {
     SSL *server, *client;
+    pgw_tls13 *t13;     /* after a TLS 1.3 handshake: the engine's records, server freed */
+    uint8_t *rin;       /* t13: a partial record kept between pumps */
+    size_t rin_len;
+    size_t sent, client_got; /* server plaintext written / decrypted by the client */
     BIO *to_server, *from_server;  /* the server's rbio / wbio */
     BIO *to_client, *from_client;  /* the client's rbio / wbio */
     pgw_tls_choice choice;
@@ -200,18 +209,113 @@ static void memory_bios(SSL *ssl, BIO **rbio, BIO **wbio)
     SSL_set_bio(ssl, *rbio, *wbio); /* the SSL owns them now */
 }
 
+static void received(conn *c, const uint8_t *p, size_t n)
+{
+    if (!n)
+        return;
+    check(c->received + n <= c->written_len, "server decrypted more than was sent");
+    check(!memcmp(p, c->written + c->received, n), "server decrypted other bytes than were sent");
+    c->received += n;
+    pgw_frontend_feed(&c->tracker, p, n);
+}
+
+static void seal_to_client(conn *c, const uint8_t *p, size_t n)
+{
+    size_t len = 0;
+    size_t took = pgw_tls13_seal(c->t13, p, n, sealed, sizeof sealed, &len);
+    check(took == n && len > 0, "seal");
+    check(BIO_write(c->from_server, sealed, (int)len) == (int)len, "BIO_write");
+}
+
+/* As the engine's t13_recv: a partial record kept, then one read of up to
+ * read_size bytes after it, every whole record opened in place. */
+static void t13_pump(conn *c)
+{
+    while (!c->server_dead && !c->server_eof) {
+        size_t have = c->rin_len;
+        memcpy(records, c->rin, have);
+        size_t room = RECORD_BUF - have;
+        int r = BIO_read(c->to_server, records + have, (int)(c->read_size < room ? c->read_size : room));
+        if (r <= 0)
+            break;
+        have += (size_t)r;
+        size_t used = 0, got = 0;
+        int rc = pgw_tls13_open(c->t13, records, have, &used, &got);
+        check(got <= used, "more plaintext than ciphertext");
+        received(c, records, got);
+        if (rc == PGW_TLS13_FAILED) {
+            c->server_dead = 1;
+            uint8_t owed = pgw_tls13_alert_owed(c->t13);
+            size_t n = owed ? pgw_tls13_alert(c->t13, owed, sealed, sizeof sealed) : 0;
+            if (n)
+                check(BIO_write(c->from_server, sealed, (int)n) == (int)n, "BIO_write");
+            break;
+        }
+        if (rc == PGW_TLS13_CLOSED) {
+            c->server_eof = 1;
+            break;
+        }
+        check(have - used < PGW_TLS13_MAX_RECORD, "a whole record left unopened");
+        memmove(c->rin, records + used, have - used);
+        c->rin_len = have - used;
+        if (pgw_tls13_update_owed(c->t13))
+            seal_to_client(c, NULL, 0);
+    }
+}
+
+/* The engine's handshake: then, on TLS 1.3, its own records from here on
+ * (the SSL freed, new memory BIOs for the ciphertext both ways). */
+static void handshake_done(conn *c)
+{
+    if (!(c->t13 = pgw_tls13_take(c->server, &c->choice)))
+        return;
+    check(SSL_version(c->server) == TLS1_3_VERSION, "took a TLS 1.2 connection");
+    BIO *in = BIO_new(BIO_s_mem()), *out = BIO_new(BIO_s_mem());
+    check(in && out, "BIO_new");
+    /* Whatever the client sent past its Finished is still unread. */
+    uint8_t buf[4096];
+    int r;
+    while ((r = BIO_read(c->to_server, buf, sizeof buf)) > 0)
+        check(BIO_write(in, buf, r) == r, "BIO_write");
+    check(BIO_ctrl_pending(c->from_server) == 0, "the server's flight was not all sent");
+    SSL_free(c->server);
+    c->server = NULL;
+    c->to_server = in;
+    c->from_server = out;
+    c->rin = malloc(PGW_TLS13_MAX_RECORD);
+    check(c->rin != NULL, "malloc");
+}
+
+static int server_ready(const conn *c)
+{
+    return c->t13 || (c->server && SSL_is_init_finished(c->server));
+}
+
 /* The server side of the engine: read what there is into the fixed buffer,
  * feed the tracker, check it is the next part of what the client wrote. */
 static void server_pump(conn *c)
 {
+    if (!c->t13 && !c->server_dead && !SSL_is_init_finished(c->server)) {
+        int r = SSL_do_handshake(c->server);
+        if (r == 1) {
+            handshake_done(c);
+        } else {
+            int err = SSL_get_error(c->server, r);
+            if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
+                c->server_dead = 1;
+        }
+        ERR_clear_error();
+        if (!server_ready(c))
+            return;
+    }
+    if (c->t13) {
+        t13_pump(c);
+        return;
+    }
     while (!c->server_dead && !c->server_eof) {
         int r = SSL_read(c->server, plain, (int)c->read_size);
         if (r > 0) {
-            check(c->received + (size_t)r <= c->written_len, "server decrypted more than was sent");
-            check(!memcmp(plain, c->written + c->received, (size_t)r),
-                  "server decrypted other bytes than were sent");
-            c->received += (size_t)r;
-            pgw_frontend_feed(&c->tracker, plain, (size_t)r);
+            received(c, plain, (size_t)r);
             continue;
         }
         int err = SSL_get_error(c->server, r);
@@ -247,9 +351,8 @@ static void client_pump(conn *c)
 {
     move(c->from_server, c->to_client, SIZE_MAX, -1, 0);
     int r;
-    do
-        r = SSL_read(c->client, plain, sizeof plain);
-    while (r > 0);
+    while ((r = SSL_read(c->client, plain, sizeof plain)) > 0)
+        c->client_got += (size_t)r;
     ERR_clear_error();
 }
 
@@ -303,7 +406,7 @@ static void raw_mode(input *in, unsigned mode)
             break;
     }
     SSL_free(server);
-    free(choice.server_name);
+    pgw_tls_choice_clear(&choice);
     ERR_clear_error();
 }
 
@@ -402,9 +505,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             ERR_clear_error();
             break;
         case 7: /* the server answers (its write buffer taken and released) */
-            if (!c.server_dead && SSL_is_init_finished(c.server)) {
+            if (!c.server_dead && !c.server_eof && server_ready(&c)) {
                 static const uint8_t ready[] = {'Z', 0, 0, 0, 5, 'I'};
-                (void)SSL_write(c.server, ready, sizeof ready);
+                if (c.t13)
+                    seal_to_client(&c, ready, sizeof ready);
+                else if (SSL_write(c.server, ready, sizeof ready) != (int)sizeof ready)
+                    break;
+                c.sent += sizeof ready;
                 ERR_clear_error();
                 client_pump(&c);
             }
@@ -435,8 +542,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         server_pump(&c);
         client_pump(&c);
     }
-    if (clean && !c.server_dead && SSL_is_init_finished(c.server))
+    if (clean && server_ready(&c)) {
+        check(!c.server_dead, "a clean exchange failed the server");
         check(c.received == c.written_len, "a clean exchange lost bytes");
+        check(c.client_got == c.sent, "the client could not read all the server sent");
+    }
 
     /* The tracker fed in SSL_read pieces agrees with one fed it all at once. */
     pgw_frontend whole;
@@ -451,9 +561,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check(pgw_at_boundary(&whole.f) == pgw_at_boundary(&c.tracker.f), "tracker boundary");
     }
 
+    if (c.t13) { /* the memory BIOs are the harness's now */
+        BIO_free(c.to_server);
+        BIO_free(c.from_server);
+    }
     SSL_free(c.server);
     SSL_free(c.client);
-    free(c.choice.server_name);
+    pgw_tls13_free(c.t13);
+    free(c.rin);
+    pgw_tls_choice_clear(&c.choice);
     free(c.written);
     ERR_clear_error();
     return 0;
