@@ -12,6 +12,14 @@ idles meanwhile) is divided by the transactions pgbench reports. Results: CPU pe
 transaction and its ratio to PgBouncer's in the same round (paired), tps and its
 ratio to direct plain. A `pgwake` that refuses `--data-plane` is reported as such.
 
+Two yardsticks run in the same rounds, in front of the same compute as PgBouncer:
+PgBouncer in transaction mode (its usual deployment; pool of 8), and "reference C
+splice TLS", the minimal single-thread epoll + OpenSSL splice of refsplice.c
+(compiled here at run time; skipped with a note when there is no compiler or no
+OpenSSL headers). Issue 12 quotes ≈ 0.55–0.65 × PgBouncer for such a splice: its
+row checks that figure on the machine at hand. Every CPU ratio is to session-mode
+PgBouncer in the same round.
+
 `--tree NAME=DIR` (twice): the same measurement, client TLS, for two source trees
 (a splice change's cost; budget after ≤ 1.05 × before).
 """
@@ -29,6 +37,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from loadtests import refsplice
 from loadtests.stack import BenchStack, running_stack, tls_capable_bindir
 from loadtests.stats import print_table, write_result
 from loadtests.throughput import PgBouncer, find_program, pgbench_figure
@@ -163,13 +172,30 @@ async def run_planes(planes: list[str], rounds: int, seconds: int, clients: int,
         bouncer = PgBouncer(stack, compute_port, env["PGPASSWORD"], env["PGUSER"])
         await bouncer.start()
         exits.callback(bouncer.stop)
-        assert bouncer.proc is not None
         plain = {k: v for k, v in env.items() if k != "PGOPTIONS"}
         targets["direct plain"] = (0, {**plain, "PGPORT": str(compute_port),
                                        "PGSSLMODE": "disable"})
-        for mode, sslmode in (("plain", "disable"), ("TLS", "require")):
-            targets[f"pgbouncer {mode}"] = (
-                bouncer.proc.pid, {**plain, "PGPORT": str(bouncer.port), "PGSSLMODE": sslmode})
+        # Transaction pooling: 8 server connections serve pgbench's 8 clients. The compute
+        # also holds session-mode PgBouncer's 8 and takes pgwake's and the reference's.
+        txn_bouncer = PgBouncer(stack, compute_port, env["PGPASSWORD"], env["PGUSER"],
+                                pool_mode="transaction", pool_size=8, name="pgbouncer-txn")
+        await txn_bouncer.start()
+        exits.callback(txn_bouncer.stop)
+        for label, one in (("pgbouncer", bouncer), ("pgbouncer txn", txn_bouncer)):
+            assert one.proc is not None
+            for mode, sslmode in (("plain", "disable"), ("TLS", "require")):
+                targets[f"{label} {mode}"] = (
+                    one.proc.pid, {**plain, "PGPORT": str(one.port), "PGSSLMODE": sslmode})
+        try:
+            binary = await refsplice.build(stack.data_dir)
+        except refsplice.RefSpliceUnavailable as exc:
+            notes[refsplice.NAME] = f"not measured: {exc}"
+            print(f"  {refsplice.NAME}: not measured: {exc}", flush=True)
+        else:
+            ref = await exits.enter_async_context(refsplice.running(
+                binary, compute_port, stack.server_cert, stack.server_key))
+            targets[f"{refsplice.NAME} TLS"] = (
+                ref.pid, {**plain, "PGPORT": str(ref.port), "PGSSLMODE": "require"})
         per_txn: dict[str, list[float]] = {name: [] for name, (pid, _) in targets.items() if pid}
         tps: dict[str, list[float]] = {name: [] for name in targets}
         for round_no in range(rounds):
@@ -188,7 +214,8 @@ async def run_planes(planes: list[str], rounds: int, seconds: int, clients: int,
     cpu_median = {name: statistics.median(values) for name, values in per_txn.items()}
 
     def paired(name: str) -> float:
-        """Median over rounds of this target's CPU/txn ÷ PgBouncer's, same mode and round."""
+        """Median over rounds of this target's CPU/txn ÷ session-mode PgBouncer's, same mode
+        (plain, TLS) and round."""
         bouncer_rounds = per_txn["pgbouncer " + name.rpartition(" ")[2]]
         return round(statistics.median(
             mine / theirs for mine, theirs in zip(per_txn[name], bouncer_rounds, strict=True)
@@ -258,7 +285,8 @@ def _main_planes(args: argparse.Namespace) -> int:
          "CPU × PgBouncer": result["cpu_vs_pgbouncer_paired"].get(name, "-")}
         for name, tps in result["tps_median"].items()
     ]
-    print_table("server CPU per transaction and tps (medians; CPU ratio paired per round)",
+    print_table("server CPU per transaction and tps (medians; CPU ratio to session-mode "
+                "PgBouncer, paired per round)",
                 rows, ["path", "tps", "× direct plain", "µs CPU/txn", "CPU × PgBouncer"])
     print(json.dumps({k: result[k] for k in ("cpu_us_per_txn_median", "cpu_vs_pgbouncer_paired",
                                              "tps_median", "tps_vs_direct_plain", "refused",

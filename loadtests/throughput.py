@@ -45,14 +45,15 @@ def free_port() -> int:
 
 class PgBouncer:
     """PgBouncer in front of the compute (session mode unless told; runs as the postgres
-    user)."""
+    user). Its files go in `name` under the stack's directory: two PgBouncers need two."""
 
     def __init__(self, stack: BenchStack, compute_port: int, password: str, user: str, *,
-                 pool_mode: str = "session", max_client_conn: int = 500, pool_size: int = 50):
+                 pool_mode: str = "session", max_client_conn: int = 500, pool_size: int = 50,
+                 name: str = "pgbouncer"):
         self.pool_mode = pool_mode
         self.max_client_conn = max_client_conn
         self.pool_size = pool_size
-        self.dir = stack.data_dir / "pgbouncer"
+        self.dir = stack.data_dir / name
         self.port = free_port()
         self.compute_port = compute_port
         self.password = password

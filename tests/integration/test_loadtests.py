@@ -143,15 +143,19 @@ async def test_idlemem_quick(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 async def test_splicecpu_quick_with_both_data_planes(tmp_path: Path) -> None:
-    """Server CPU per transaction and tps, plain and TLS, for pgwake's data paths and
-    PgBouncer in one run; a data path the CLI refuses is reported, not hidden."""
+    """Server CPU per transaction and tps, plain and TLS, for pgwake's data paths,
+    PgBouncer (session and transaction mode) and the reference C splice in one run; a
+    data path the CLI refuses is reported, not hidden."""
     out = await harness(tmp_path, "splicecpu", "--data-plane", "both")
     result = json.loads((tmp_path / "splicecpu.json").read_text())
     cpu, tps = result["cpu_us_per_txn_median"], result["tps_vs_direct_plain"]
     for name in ("pgwake python plain", "pgwake python TLS", "pgbouncer plain",
-                 "pgbouncer TLS"):
+                 "pgbouncer TLS", "pgbouncer txn plain", "pgbouncer txn TLS"):
         assert cpu[name] > 0 and tps[name] > 0
         assert result["cpu_vs_pgbouncer_paired"][name] > 0
+    # The test environment has a compiler and libssl-dev (./dev test installs them).
+    assert cpu["reference C splice TLS"] > 0, result["notes"]
+    assert result["cpu_vs_pgbouncer_paired"]["reference C splice TLS"] > 0
     assert tps["direct plain"] == 1.0
     if "pgwake native TLS" not in cpu:
         assert result["refused"]["native"]
