@@ -131,7 +131,9 @@ static void from_compute(conn *k, int ep) {
     }
 }
 
-/* Client → compute: drain OpenSSL (read-ahead buffers records epoll cannot see). */
+/* Client → compute, until OpenSSL holds nothing more: read-ahead buffers bytes epoll
+ * cannot see, but what is left in the socket epoll reports again (level-triggered),
+ * so no extra read(2) that would only say EAGAIN. */
 static void from_client(conn *k, int ep) {
     for (;;) {
         size_t r;
@@ -147,6 +149,8 @@ static void from_client(conn *k, int ep) {
             kill_conn(k, ep, 0);
             return;
         }
+        if (!SSL_has_pending(k->ssl))
+            return;
     }
 }
 
