@@ -9,8 +9,9 @@ client TLS and plain runs against each, and directly against the compute, in
 interleaved rounds (the order reversed every other round); each server process's
 CPU time (utime + stime of all its threads, from /proc; pgwake's control plane
 idles meanwhile) is divided by the transactions pgbench reports. Results: CPU per
-transaction and its ratio to PgBouncer's in the same round (paired), tps and its
-ratio to direct plain. A `pgwake` that refuses `--data-plane` is reported as such.
+transaction (and how much of it is system time: the kernel's work for the reads
+and writes, which any proxy pays) and its ratio to PgBouncer's in the same round
+(paired), tps and its ratio to direct plain. A `pgwake` that refuses `--data-plane` is reported as such.
 
 Two yardsticks run in the same rounds, in front of the same compute as PgBouncer:
 PgBouncer in transaction mode (its usual deployment; pool of 8), and "reference C
@@ -45,9 +46,15 @@ from loadtests.throughput import PgBouncer, find_program, pgbench_figure
 TXNS_RE = re.compile(r"number of transactions actually processed: (\d+)")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """A process's (user, system) CPU seconds, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 async def pgbench_txns(pgbench: str, env: dict[str, str], seconds: int, clients: int) -> int:
@@ -197,21 +204,28 @@ async def run_planes(planes: list[str], rounds: int, seconds: int, clients: int,
             targets[f"{refsplice.NAME} TLS"] = (
                 ref.pid, {**plain, "PGPORT": str(ref.port), "PGSSLMODE": "require"})
         per_txn: dict[str, list[float]] = {name: [] for name, (pid, _) in targets.items() if pid}
+        # The kernel's share (system time) apart: it is the floor any proxy pays for
+        # its reads and writes, whatever its own code costs.
+        sys_per_txn: dict[str, list[float]] = {name: [] for name in per_txn}
         tps: dict[str, list[float]] = {name: [] for name in targets}
         for round_no in range(rounds):
             names = list(targets) if round_no % 2 == 0 else list(reversed(targets))
             for name in names:
                 pid, target_env = targets[name]
-                before = cpu_seconds(pid) if pid else 0.0
+                user0, sys0 = cpu_split(pid) if pid else (0.0, 0.0)
                 txns = await pgbench_txns(pgbench, target_env, seconds, clients)
                 tps[name].append(txns / seconds)
                 line = f"  round {round_no + 1}/{rounds} {name:<22} {txns / seconds:8.0f} tps"
                 if pid:
-                    per_txn[name].append((cpu_seconds(pid) - before) / txns * 1e6)
-                    line += f" {per_txn[name][-1]:7.2f} µs CPU/txn"
+                    user1, sys1 = cpu_split(pid)
+                    per_txn[name].append((user1 - user0 + sys1 - sys0) / txns * 1e6)
+                    sys_per_txn[name].append((sys1 - sys0) / txns * 1e6)
+                    line += (f" {per_txn[name][-1]:7.2f} µs CPU/txn"
+                             f" ({sys_per_txn[name][-1]:.2f} system)")
                 print(line, flush=True)
     tps_median = {name: statistics.median(values) for name, values in tps.items()}
     cpu_median = {name: statistics.median(values) for name, values in per_txn.items()}
+    sys_median = {name: statistics.median(values) for name, values in sys_per_txn.items()}
 
     def paired(name: str) -> float:
         """Median over rounds of this target's CPU/txn ÷ session-mode PgBouncer's, same mode
@@ -230,6 +244,8 @@ async def run_planes(planes: list[str], rounds: int, seconds: int, clients: int,
         "cpu_us_per_txn_rounds": per_txn,
         "cpu_us_per_txn_median": cpu_median,
         "cpu_vs_pgbouncer_paired": {name: paired(name) for name in per_txn},
+        "system_us_per_txn_rounds": sys_per_txn,
+        "system_us_per_txn_median": sys_median,
         "tps_rounds": tps,
         "tps_median": tps_median,
         "tps_vs_direct_plain": {name: round(value / tps_median["direct plain"], 3)
@@ -282,13 +298,17 @@ def _main_planes(args: argparse.Namespace) -> int:
         {"path": name, "tps": round(tps), "× direct plain": result["tps_vs_direct_plain"][name],
          "µs CPU/txn": round(result["cpu_us_per_txn_median"][name], 2)
          if name in result["cpu_us_per_txn_median"] else "-",
+         "of it system": round(result["system_us_per_txn_median"][name], 2)
+         if name in result["system_us_per_txn_median"] else "-",
          "CPU × PgBouncer": result["cpu_vs_pgbouncer_paired"].get(name, "-")}
         for name, tps in result["tps_median"].items()
     ]
     print_table("server CPU per transaction and tps (medians; CPU ratio to session-mode "
                 "PgBouncer, paired per round)",
-                rows, ["path", "tps", "× direct plain", "µs CPU/txn", "CPU × PgBouncer"])
-    print(json.dumps({k: result[k] for k in ("cpu_us_per_txn_median", "cpu_vs_pgbouncer_paired",
+                rows, ["path", "tps", "× direct plain", "µs CPU/txn", "of it system",
+                       "CPU × PgBouncer"])
+    print(json.dumps({k: result[k] for k in ("cpu_us_per_txn_median", "system_us_per_txn_median",
+                                             "cpu_vs_pgbouncer_paired",
                                              "tps_median", "tps_vs_direct_plain", "refused",
                                              "notes")},
                      indent=2))
