@@ -177,14 +177,16 @@ static void t13_failed(pgw_conn *c) {
     client_failed(c, PGW_WHY_TLS);
 }
 
+/* The callers read into PGW_READ_BUFFER bytes: a partial record and a whole
+ * one after it always fit. */
+_Static_assert(PGW_READ_BUFFER >= 2 * PGW_TLS13_MAX_RECORD, "read buffer too small for TLS");
+
 /* Reads records with one recv (read-ahead: as much as `buf` holds) after
  * what is left of a partial one, and opens them in place: `buf` ends up
  * holding plaintext only (never more than the ciphertext it came from). */
 static size_t t13_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     size_t have = c->rin.len, got = 0;
     int eof = 0;
-    if (cap < 2 * PGW_TLS13_MAX_RECORD)
-        return 0; /* the callers' buffer is PGW_READ_BUFFER */
     if (have) {
         memcpy(buf, c->rin.data + c->rin.off, have);
         pgw_buf_free(&c->rin);
