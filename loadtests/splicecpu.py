@@ -11,7 +11,8 @@ CPU time (utime + stime of all its threads, from /proc; pgwake's control plane
 idles meanwhile) is divided by the transactions pgbench reports. Results: CPU per
 transaction (and how much of it is system time: the kernel's work for the reads
 and writes, which any proxy pays) and its ratio to PgBouncer's in the same round
-(paired), tps and its ratio to direct plain. A `pgwake` that refuses `--data-plane` is reported as such.
+(paired), tps and its ratio to direct plain. A `pgwake` that refuses `--data-plane`
+is reported as such.
 
 Two yardsticks run in the same rounds, in front of the same compute as PgBouncer:
 PgBouncer in transaction mode (its usual deployment; pool of 8), and "reference C
