@@ -1,6 +1,8 @@
 """RSS per idle TLS client session: pgwake's proxy process next to PgBouncer's.
 
-A `pgwake up` process with default settings; N client sessions (TLS, SCRAM,
+A `pgwake up` process with default settings (the native data plane when built), and
+one with `--data-plane python` (the fallback, so the gain is visible; `--no-python-path`
+skips it); N client sessions (TLS, SCRAM,
 asyncpg) log in to one endpoint from several client processes and stay idle.
 Past the compute's connection budget each login parks the longest-idle session
 (proxy/evict.py), so the sessions hold no backend. The proxy process's RSS
@@ -223,8 +225,26 @@ async def measure(pid: int, spec: dict[str, Any], sessions: int, processes: int,
     }
 
 
-async def run(sessions: int, processes: int) -> dict[str, Any]:
+async def run_python_path(sessions: int, processes: int, login_timeout: float
+                          ) -> dict[str, Any]:
+    """The same sessions through a `pgwake up` on the Python data path."""
+    async with running_stack("--data-plane", "python") as stack:
+        ep = await stack.client.create_endpoint()
+        spec = {"host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
+                "password": ep.password, "database": ep.database,
+                "options": f"endpoint={ep.id}"}
+        warm = Clients(spec, 1, 1)
+        await warm.log_in(login_timeout)
+        await warm.close()
+        figures = await measure(stack.pid, spec, sessions, processes, login_timeout, stack)
+    print(f"  pgwake (Python path): {figures['rss_kib_per_session']} KiB per idle session",
+          flush=True)
+    return figures
+
+
+async def run(sessions: int, processes: int, python_path: bool) -> dict[str, Any]:
     login_timeout = 120 + sessions * 0.05
+    python = await run_python_path(sessions, processes, login_timeout) if python_path else None
     async with running_stack() as stack:
         ep = await stack.client.create_endpoint()
         spec = {"host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
@@ -263,6 +283,7 @@ async def run(sessions: int, processes: int) -> dict[str, Any]:
         "pgbouncer": {**pgbouncer, "pool_mode": "transaction", "pool_size": 10},
         "pgwake_vs_pgbouncer": round(
             pgwake["rss_kib_per_session"] / max(pgbouncer["rss_kib_per_session"], 0.01), 3),
+        **({"pgwake_python": python} if python is not None else {}),
     }
 
 
@@ -272,19 +293,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
     parser.add_argument("--quick", action="store_true", help="200 sessions")
+    parser.add_argument("--python-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure pgwake on its Python data path (--data-plane python)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions = 200
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # pgwake up and PgBouncer inherit it
-    result = asyncio.run(run(args.sessions, args.processes))
+    result = asyncio.run(run(args.sessions, args.processes, args.python_path))
     path = write_result(args.out, "idlemem", result)
+    servers = ["pgwake", *(["pgwake_python"] if "pgwake_python" in result else []), "pgbouncer"]
     rows = [
         {"server": name, "KiB/session": result[name]["rss_kib_per_session"],
          "baseline KiB": result[name]["baseline_rss_kib"], "RSS KiB": result[name]["rss_kib"],
          "logged in": result[name]["logged_in"], "failed": result[name]["login_failures"],
          "sample ok": f"{result[name]['sample_ok']}/{result[name]['sample_checked']}"}
-        for name in ("pgwake", "pgbouncer")
+        for name in servers
     ]
     print_table("RSS per idle TLS session", rows,
                 ["server", "KiB/session", "baseline KiB", "RSS KiB", "logged in", "failed",
@@ -292,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     print(f"results: {path}")
     failed = any(result[name]["login_failures"] or result[name]["sample_ok"]
-                 != result[name]["sample_checked"] for name in ("pgwake", "pgbouncer"))
+                 != result[name]["sample_checked"] for name in servers)
     return 1 if failed else 0
 
 

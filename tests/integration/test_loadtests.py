@@ -129,7 +129,7 @@ async def test_idlemem_quick(tmp_path: Path) -> None:
     out = await harness(tmp_path, "idlemem")
     result = json.loads((tmp_path / "idlemem.json").read_text())
     assert result["sessions"] == 200
-    for server in ("pgwake", "pgbouncer"):
+    for server in ("pgwake", "pgwake_python", "pgbouncer"):
         figures = result[server]
         assert figures["logged_in"] == 200 and figures["login_failures"] == 0
         assert figures["sample_ok"] == figures["sample_checked"] == 200
