@@ -225,17 +225,24 @@ async def measure(pid: int, spec: dict[str, Any], sessions: int, processes: int,
     }
 
 
+async def warm_endpoint(stack: BenchStack, login_timeout: float
+                        ) -> tuple[Any, dict[str, Any]]:
+    """A new endpoint and the clients' spec for it, after one warm-up login (its compute
+    is up, its address and role cached)."""
+    ep = await stack.client.create_endpoint()
+    spec = {"host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
+            "password": ep.password, "database": ep.database, "options": f"endpoint={ep.id}"}
+    warm = Clients(spec, 1, 1)
+    await warm.log_in(login_timeout)
+    await warm.close()
+    return ep, spec
+
+
 async def run_python_path(sessions: int, processes: int, login_timeout: float
                           ) -> dict[str, Any]:
     """The same sessions through a `pgwake up` on the Python data path."""
     async with running_stack("--data-plane", "python") as stack:
-        ep = await stack.client.create_endpoint()
-        spec = {"host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
-                "password": ep.password, "database": ep.database,
-                "options": f"endpoint={ep.id}"}
-        warm = Clients(spec, 1, 1)
-        await warm.log_in(login_timeout)
-        await warm.close()
+        _ep, spec = await warm_endpoint(stack, login_timeout)
         figures = await measure(stack.pid, spec, sessions, processes, login_timeout, stack)
     print(f"  pgwake (Python path): {figures['rss_kib_per_session']} KiB per idle session",
           flush=True)
@@ -246,14 +253,7 @@ async def run(sessions: int, processes: int, python_path: bool) -> dict[str, Any
     login_timeout = 120 + sessions * 0.05
     python = await run_python_path(sessions, processes, login_timeout) if python_path else None
     async with running_stack() as stack:
-        ep = await stack.client.create_endpoint()
-        spec = {"host": "127.0.0.1", "port": stack.proxy_port, "user": ep.user,
-                "password": ep.password, "database": ep.database,
-                "options": f"endpoint={ep.id}"}
-        # Warm-up: the endpoint's compute is up, its address and role cached.
-        warm = Clients(spec, 1, 1)
-        await warm.log_in(login_timeout)
-        await warm.close()
+        ep, spec = await warm_endpoint(stack, login_timeout)
         pgwake = await measure(stack.pid, spec, sessions, processes, login_timeout, stack)
         print(f"  pgwake: {pgwake['rss_kib_per_session']} KiB per idle session", flush=True)
         address = (await stack.client.get_endpoint(ep.id)).address

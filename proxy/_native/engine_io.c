@@ -144,24 +144,37 @@ void pgw_watch_reads(pgw_conn *c) {
     }
 }
 
-/* Writes up to `n` bytes to the client's socket as they are; returns how many
- * it took. */
-static size_t raw_send(pgw_conn *c, const uint8_t *p, size_t n) {
+/* Sends up to `n` bytes on `fd`; returns how many it took. *blocked: it would
+ * block; *err: the errno it failed with (0: none). */
+static size_t send_some(int fd, const uint8_t *p, size_t n, int *blocked, int *err) {
     size_t done = 0;
+    *blocked = *err = 0;
     while (done < n) {
-        ssize_t r = send(c->cfd, p + done, n - done, MSG_NOSIGNAL);
+        ssize_t r = send(fd, p + done, n - done, MSG_NOSIGNAL);
         if (r > 0) {
             done += (size_t)r;
         } else if (r < 0 && errno == EINTR) {
             continue;
         } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            c->cw_ready = 0;
+            *blocked = 1;
             break;
         } else {
-            client_failed(c, r < 0 ? errno : EPIPE);
+            *err = r < 0 ? errno : EPIPE;
             break;
         }
     }
+    return done;
+}
+
+/* Writes up to `n` bytes to the client's socket as they are; returns how many
+ * it took. */
+static size_t raw_send(pgw_conn *c, const uint8_t *p, size_t n) {
+    int blocked, err;
+    size_t done = send_some(c->cfd, p, n, &blocked, &err);
+    if (blocked)
+        c->cw_ready = 0;
+    if (err)
+        client_failed(c, err);
     return done;
 }
 
@@ -356,21 +369,12 @@ size_t pgw_compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
 }
 
 size_t pgw_compute_send(pgw_conn *c, const uint8_t *p, size_t n) {
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = send(c->pfd, p + done, n - done, MSG_NOSIGNAL);
-        if (r > 0) {
-            done += (size_t)r;
-        } else if (r < 0 && errno == EINTR) {
-            continue;
-        } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            c->pw_ready = 0;
-            break;
-        } else {
-            c->pwhy = r < 0 ? errno : EPIPE;
-            break;
-        }
-    }
+    int blocked, err;
+    size_t done = send_some(c->pfd, p, n, &blocked, &err);
+    if (blocked)
+        c->pw_ready = 0;
+    if (err)
+        c->pwhy = err;
     return done;
 }
 
