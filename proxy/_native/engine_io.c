@@ -166,6 +166,30 @@ static size_t send_some(int fd, const uint8_t *p, size_t n, int *blocked, int *e
     return done;
 }
 
+/* One recv of up to `cap` bytes from `fd`; returns how many came. *drained:
+ * the socket holds no more now (EAGAIN, or a short read unless a FIN already
+ * reported is still to be read), so the next bytes bring a new edge. *why:
+ * PGW_WHY_EOF, or the errno it failed with (0: neither). */
+static size_t recv_some(int fd, uint8_t *buf, size_t cap, int hup, int *drained, int *why) {
+    *drained = *why = 0;
+    for (;;) {
+        ssize_t r = recv(fd, buf, cap, 0);
+        if (r > 0) {
+            *drained = (size_t)r < cap && !hup;
+            return (size_t)r;
+        }
+        if (r == 0)
+            *why = PGW_WHY_EOF;
+        else if (errno == EINTR)
+            continue;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            *drained = 1;
+        else
+            *why = errno;
+        return 0;
+    }
+}
+
 /* Writes up to `n` bytes to the client's socket as they are; returns how many
  * it took. */
 static size_t raw_send(pgw_conn *c, const uint8_t *p, size_t n) {
@@ -199,34 +223,23 @@ _Static_assert(PGW_READ_BUFFER >= 2 * PGW_TLS13_MAX_RECORD, "read buffer too sma
  * holding plaintext only (never more than the ciphertext it came from). */
 static size_t t13_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
     size_t have = c->rin.len, got = 0;
-    int eof = 0;
+    int drained, why;
     if (have) {
         memcpy(buf, c->rin.data + c->rin.off, have);
         pgw_buf_free(&c->rin);
     }
-    for (;;) {
-        ssize_t r = recv(c->cfd, buf + have, cap - have, 0);
-        if (r > 0) {
-            if ((size_t)r < cap - have && !c->c_hup)
-                c->cr_ready = 0; /* drained: the next bytes bring a new edge */
-            have += (size_t)r;
-        } else if (r == 0) {
-            eof = 1;
-        } else if (errno == EINTR) {
-            continue;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            c->cr_ready = 0;
-        } else {
-            client_failed(c, errno);
-            return 0;
-        }
-        break;
+    have += recv_some(c->cfd, buf + have, cap - have, c->c_hup, &drained, &why);
+    if (drained)
+        c->cr_ready = 0;
+    if (why > 0) {
+        client_failed(c, why);
+        return 0;
     }
     size_t used = 0;
     int rc = pgw_tls13_open(c->t13, buf, have, &used, &got);
     if (rc == PGW_TLS13_FAILED) {
         t13_failed(c);
-    } else if (rc == PGW_TLS13_CLOSED || eof) {
+    } else if (rc == PGW_TLS13_CLOSED || why == PGW_WHY_EOF) {
         /* close_notify, or an EOF (a cut record included), as OpenSSL's
          * SSL_OP_IGNORE_UNEXPECTED_EOF reads it. */
         c->client_eof = 1;
@@ -297,28 +310,18 @@ size_t pgw_client_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
         }
         return got;
     }
-    for (;;) {
-        ssize_t r = recv(c->cfd, buf, cap, 0);
-        if (r > 0) {
-            /* A short read drained the socket: the next bytes bring a new edge
-             * (a FIN already reported brings none: it is read next). */
-            if ((size_t)r < cap && !c->c_hup)
-                c->cr_ready = 0;
-            return (size_t)r;
-        }
-        if (r == 0) {
-            c->client_eof = 1;
-            if (!c->cwhy)
-                c->cwhy = PGW_WHY_EOF;
-        } else if (errno == EINTR) {
-            continue;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            c->cr_ready = 0;
-        } else {
-            client_failed(c, errno);
-        }
-        return 0;
+    int drained, why;
+    size_t n = recv_some(c->cfd, buf, cap, c->c_hup, &drained, &why);
+    if (drained)
+        c->cr_ready = 0;
+    if (why == PGW_WHY_EOF) {
+        c->client_eof = 1;
+        if (!c->cwhy)
+            c->cwhy = PGW_WHY_EOF;
+    } else if (why) {
+        client_failed(c, why);
     }
+    return n;
 }
 
 /* Writes up to `n` bytes to the client; returns how many it took. */
@@ -349,23 +352,13 @@ static size_t client_send(pgw_conn *c, const uint8_t *p, size_t n) {
 }
 
 size_t pgw_compute_recv(pgw_conn *c, uint8_t *buf, size_t cap) {
-    for (;;) {
-        ssize_t r = recv(c->pfd, buf, cap, 0);
-        if (r > 0) {
-            if ((size_t)r < cap && !c->p_hup)
-                c->pr_ready = 0;
-            return (size_t)r;
-        }
-        if (r == 0)
-            c->pwhy = PGW_WHY_EOF;
-        else if (errno == EINTR)
-            continue;
-        else if (errno == EAGAIN || errno == EWOULDBLOCK)
-            c->pr_ready = 0;
-        else
-            c->pwhy = errno;
-        return 0;
-    }
+    int drained, why;
+    size_t n = recv_some(c->pfd, buf, cap, c->p_hup, &drained, &why);
+    if (drained)
+        c->pr_ready = 0;
+    if (why)
+        c->pwhy = why;
+    return n;
 }
 
 size_t pgw_compute_send(pgw_conn *c, const uint8_t *p, size_t n) {

@@ -161,7 +161,7 @@ pgw_tls13 *pgw_tls13_take(SSL *ssl, pgw_tls_choice *choice) {
     /* With read-ahead off during the handshake OpenSSL read exactly the
      * client's Finished; a byte past it would be lost here, so check. */
     if (!s || (s->have & 3) != 3 || !cipher || SSL_version(ssl) != TLS1_3_VERSION ||
-        SSL_has_pending(ssl) || SSL_pending(ssl))
+        SSL_has_pending(ssl))
         return NULL;
     return pgw_tls13_new(SSL_CIPHER_get_id(cipher), s->client, s->server, s->len);
 }
